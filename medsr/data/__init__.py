@@ -1,0 +1,1 @@
+"""Training pairs built from medical volumes and radiographs with medsr.degrade."""

@@ -1,0 +1,1 @@
+"""Runtime side: bundle, sessions, NumPy schedulers, pipeline. Never imports torch."""

@@ -1,0 +1,1 @@
+"""Evaluation: fidelity metrics, paired statistics and the parity harness."""
