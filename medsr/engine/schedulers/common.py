@@ -1,0 +1,180 @@
+"""What every sampler shares: the training table, the forward process, the model-output adapter, timestep spacing.
+
+Notation (variance preserving): x_t = alpha_t x0 + sigma_t eps with alpha_t = sqrt(alpha_bar_t) and
+sigma_t = sqrt(1 - alpha_bar_t). Rectified flow: x_sigma = (1 - sigma) x0 + sigma eps, i.e. alpha = 1 - sigma.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from medsr.errors import InputError
+
+from .config import SchedulerConfig
+
+
+def alphas_cumprod(config: SchedulerConfig) -> np.ndarray:
+    """The training table alpha_bar (float64, shape ``(T,)``), index k = 0 the least noisy.
+
+    This is the table in diffusers' orientation even when ``config.reversed_table`` (then the model's timestep
+    t reads entry ``T - 1 - t``; see `table_index`). diffusers builds the same values in float32.
+
+    Raises:
+        InputError: for ``flow_euler``, which has no such table.
+    """
+    T = config.num_train_timesteps
+    if config.algorithm == "flow_euler":
+        raise InputError("algorithm 'flow_euler' has no alpha_bar table; use add_noise / training_target")
+    if config.beta_schedule == "linear":
+        betas = np.linspace(config.beta_start, config.beta_end, T, dtype=np.float64)
+    elif config.beta_schedule == "scaled_linear":
+        betas = np.linspace(config.beta_start**0.5, config.beta_end**0.5, T, dtype=np.float64) ** 2
+    elif config.beta_schedule == "squaredcos_cap_v2":
+        f = _cosine_alpha_bar(np.arange(T + 1) / T)
+        betas = np.minimum(1.0 - f[1:] / f[:-1], 0.999)
+    else:  # "cosine": alpha_bar itself, uncapped, as the paper's code builds it (before reversing)
+        f = _cosine_alpha_bar(np.arange(T + 1) / T)
+        return f[1:] / f[0]
+    return np.cumprod(1.0 - betas)
+
+
+def _cosine_alpha_bar(t: np.ndarray, s: float = 0.008) -> np.ndarray:
+    """f(t) = cos^2((t + s) / (1 + s) * pi / 2), Nichol & Dhariwal 2021 eq. 17."""
+    return np.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+
+
+def table_index(t: int, config: SchedulerConfig) -> int:
+    """Model timestep <-> table index (its own inverse): ``T - 1 - t`` when ``config.reversed_table``, else t."""
+    return config.num_train_timesteps - 1 - t if config.reversed_table else t
+
+
+def predict_x0_eps(
+    model_output: np.ndarray, sample: np.ndarray, alpha_t: float, sigma_t: float, prediction_type: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """The one adapter from a model output of any prediction type to (x0, eps), for x_t = alpha_t x0 + sigma_t eps.
+
+    - ``"epsilon"``: x0 = (x_t - sigma_t eps) / alpha_t (DDIM eq. 12, "predicted x0").
+    - ``"sample"``: eps = (x_t - alpha_t x0) / sigma_t.
+    - ``"v_prediction"``: v = alpha_t eps - sigma_t x0 (Salimans & Ho 2022), so x0 = alpha_t x_t - sigma_t v and
+      eps = sigma_t x_t + alpha_t v (needs alpha_t^2 + sigma_t^2 = 1).
+    - ``"flow"``: v = eps - x0 on the straight path alpha_t = 1 - sigma_t, so x0 = x_t - sigma_t v and
+      eps = x_t + alpha_t v.
+
+    Args:
+        model_output, sample: arrays of one shape (float64 recommended).
+        alpha_t, sigma_t: the signal and noise scales at the current time.
+        prediction_type: see `SchedulerConfig.prediction_type`.
+    """
+    if prediction_type == "epsilon":
+        return (sample - sigma_t * model_output) / alpha_t, model_output
+    if prediction_type == "sample":
+        return model_output, (sample - alpha_t * model_output) / sigma_t
+    if prediction_type == "v_prediction":
+        return alpha_t * sample - sigma_t * model_output, alpha_t * model_output + sigma_t * sample
+    if prediction_type == "flow":
+        return sample - sigma_t * model_output, sample + alpha_t * model_output
+    raise InputError(f"unknown prediction_type {prediction_type!r}")
+
+
+def _per_sample(values: np.ndarray, ndim: int) -> np.ndarray:
+    """(B,) -> (B, 1, ..., 1) so that it broadcasts against a (B, ...) array of ``ndim`` dimensions."""
+    return values.reshape(values.shape + (1,) * (ndim - values.ndim))
+
+
+def _scales(t: np.ndarray | float, config: SchedulerConfig, ndim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(alpha_t, sigma_t) at the training time(s) t, broadcastable against a (B, ...) batch."""
+    t = np.asarray(t)
+    if config.algorithm == "flow_euler":
+        if config.flow_convention == "latentsr":
+            sigma = 1.0 - t.astype(np.float64)  # t is the data fraction in [0, 1]
+        else:
+            sigma = t.astype(np.float64) / config.num_train_timesteps
+        return _per_sample(1.0 - sigma, ndim), _per_sample(sigma, ndim)
+    if not np.issubdtype(t.dtype, np.integer):
+        raise InputError(f"timesteps of algorithm {config.algorithm!r} must be integers, got dtype {t.dtype}")
+    T = config.num_train_timesteps
+    if np.any(t < 0) or np.any(t >= T):
+        raise InputError(f"timesteps must be in [0, {T - 1}], got {t.min()}..{t.max()}")
+    abar = alphas_cumprod(config)[table_index(t, config)]
+    return _per_sample(np.sqrt(abar), ndim), _per_sample(np.sqrt(1.0 - abar), ndim)
+
+
+def add_noise(x0: np.ndarray, noise: np.ndarray, t: np.ndarray | float, config: SchedulerConfig) -> np.ndarray:
+    """The forward process q(x_t | x0): x_t = alpha_t x0 + sigma_t noise (DDPM eq. 4).
+
+    Args:
+        x0 : (B, ...) array, the clean latents.
+        noise : same shape, standard normal.
+        t : scalar or (B,): the value the model receives as timestep. Discrete schedules: an integer in [0, T)
+            (read backwards when ``config.reversed_table``). ``flow_euler`` with the diffusers convention: sigma * T
+            (float in [0, T]); with the paper's convention: the data fraction t in [0, 1], the model then receives
+            ``int(t * (T - 1))`` (03_train_flow_matching.py).
+
+    Returns:
+        x_t, in the dtype of ``x0``.
+    """
+    alpha_t, sigma_t = _scales(t, config, np.ndim(x0))
+    return (alpha_t * np.asarray(x0, np.float64) + sigma_t * np.asarray(noise, np.float64)).astype(x0.dtype)
+
+
+def training_target(x0: np.ndarray, noise: np.ndarray, t: np.ndarray | float, config: SchedulerConfig) -> np.ndarray:
+    """What the model should output at ``add_noise(x0, noise, t, config)`` for ``config.prediction_type``.
+
+    eps for ``"epsilon"``; x0 for ``"sample"``; v = alpha_t eps - sigma_t x0 for ``"v_prediction"`` (diffusers
+    ``get_velocity``); for ``"flow"``: eps - x0 (diffusers convention) or z_HR - eps (the paper's convention).
+    Arguments as in `add_noise`; returns the dtype of ``x0``.
+    """
+    x0_64, eps = np.asarray(x0, np.float64), np.asarray(noise, np.float64)
+    if config.prediction_type == "epsilon":
+        target = eps
+    elif config.prediction_type == "sample":
+        target = x0_64
+    elif config.prediction_type == "v_prediction":
+        alpha_t, sigma_t = _scales(t, config, np.ndim(x0))
+        target = alpha_t * eps - sigma_t * x0_64
+    else:
+        target = x0_64 - eps if config.flow_convention == "latentsr" else eps - x0_64
+    return target.astype(x0.dtype)
+
+
+def spaced_timesteps(config: SchedulerConfig, num_inference_steps: int) -> np.ndarray:
+    """Table indices, noisiest first, for DDIM and DDPM as diffusers spaces them (Lin et al. 2023, Table 2).
+
+    ``"linspace"``: round(linspace(0, T - 1, n)) reversed; ``"leading"``: (0, r, 2r, ...) reversed plus
+    ``steps_offset``, r = T // n; ``"trailing"``: round(T, T - T/n, ...) - 1.
+    """
+    T, n = config.num_train_timesteps, num_inference_steps
+    if config.timestep_spacing == "linspace":
+        return np.linspace(0, T - 1, n).round()[::-1].astype(np.int64)
+    if config.timestep_spacing == "leading":
+        return (np.arange(n) * (T // n))[::-1].astype(np.int64) + config.steps_offset
+    return np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1
+
+
+def check_steps(num_inference_steps: int, config: SchedulerConfig) -> None:
+    """Refuse a step count outside [1, T]."""
+    T = config.num_train_timesteps
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
+        raise InputError(f"num_inference_steps must be an int, got {num_inference_steps!r}")
+    if not 1 <= num_inference_steps <= T:
+        raise InputError(f"num_inference_steps must be in [1, {T}] (num_train_timesteps), got {num_inference_steps}")
+
+
+def not_ready(name: str) -> RuntimeError:
+    """The error of a step before set_timesteps (a caller bug, so not a MedsrError)."""
+    return RuntimeError(f"{name}.step() called before set_timesteps(); call set_timesteps(num_inference_steps) first")
+
+
+def check_noise(noise: np.ndarray | None, sample: np.ndarray, name: str) -> np.ndarray:
+    """The standard-normal noise a stochastic step needs, as float64; refuse it missing or misshapen."""
+    if noise is None:
+        raise InputError(
+            f"{name}.step() is stochastic and needs `noise`: pass a standard normal array shaped like the sample, "
+            "drawn from the caller's np.random.Generator"
+        )
+    noise = np.asarray(noise)
+    if noise.shape != np.shape(sample):
+        raise InputError(f"{name}.step(): noise shape {noise.shape} differs from sample shape {np.shape(sample)}")
+    return noise.astype(np.float64)

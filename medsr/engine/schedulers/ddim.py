@@ -1,0 +1,81 @@
+"""DDIM (Song et al. 2021, "Denoising Diffusion Implicit Models"), as diffusers' DDIMScheduler runs it."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from medsr.errors import InputError
+
+from .common import alphas_cumprod, check_noise, check_steps, not_ready, predict_x0_eps, spaced_timesteps, table_index
+from .config import SchedulerConfig, StepOutput
+
+
+class DDIMScheduler:
+    """DDIM with eta >= 0 over a subsequence of the training timesteps.
+
+    One step from table index k to k_prev = k - T // n (diffusers' rule, whatever the spacing; below 0 it uses
+    alpha_bar = 1 when ``set_alpha_to_one``, else alpha_bar[0]):
+
+        x_{prev} = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z              (DDIM eq. 12)
+        sigma = eta sqrt((1 - a_prev) / (1 - a)) sqrt(1 - a / a_prev)                     (DDIM eq. 16)
+
+    with a = alpha_bar[k], (x0, eps) from the model output by `predict_x0_eps` and z the caller's noise.
+
+    Attributes:
+        config: the `SchedulerConfig`.
+        alphas_cumprod ((T,) float64): the training table alpha_bar.
+        timesteps ((n,) int64): after `set_timesteps`, the model's timestep at each step, noisiest first.
+        init_noise_sigma (float): scale of the initial Gaussian.
+        stochastic (bool): True when eta > 0 (then `step` needs ``noise``).
+    """
+
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        self.alphas_cumprod = alphas_cumprod(config)
+        self.final_alpha_cumprod = 1.0 if config.set_alpha_to_one else float(self.alphas_cumprod[0])
+        self.init_noise_sigma = config.init_noise_sigma
+        self.stochastic = config.eta > 0
+        self.num_inference_steps: int | None = None
+        self.timesteps = np.empty(0, np.int64)
+
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        """Choose the n timesteps (``config.timestep_spacing``); resets the scheduler."""
+        check_steps(num_inference_steps, self.config)
+        self.num_inference_steps = int(num_inference_steps)
+        k = spaced_timesteps(self.config, self.num_inference_steps)
+        self.timesteps = np.array([table_index(int(i), self.config) for i in k], np.int64)
+
+    def step(self, model_output: np.ndarray, t: int, sample: np.ndarray, noise: np.ndarray | None = None) -> StepOutput:
+        """One DDIM step from the model's timestep ``t`` (an entry of `timesteps`).
+
+        Args:
+            model_output : (B, C, h, w) array, the denoiser's output at (sample, t).
+            t : int, the timestep the denoiser received.
+            sample : (B, C, h, w) array, x_t.
+            noise : (B, C, h, w) standard normal array; required when `stochastic`, ignored otherwise.
+
+        Returns:
+            `StepOutput` in the dtype of ``sample``.
+        """
+        if self.num_inference_steps is None:
+            raise not_ready("DDIMScheduler")
+        cfg, T = self.config, self.config.num_train_timesteps
+        k = table_index(int(t), cfg)
+        if not 0 <= k < T:
+            raise InputError(f"DDIMScheduler.step: timestep {t} is outside [0, {T - 1}]")
+        k_prev = k - T // self.num_inference_steps
+        a = self.alphas_cumprod[k]
+        a_prev = self.alphas_cumprod[k_prev] if k_prev >= 0 else self.final_alpha_cumprod
+
+        x_t = np.asarray(sample, np.float64)
+        x0, eps = predict_x0_eps(
+            np.asarray(model_output, np.float64), x_t, np.sqrt(a), np.sqrt(1 - a), cfg.prediction_type
+        )
+        if cfg.clip_sample:
+            x0 = np.clip(x0, -cfg.clip_sample_range, cfg.clip_sample_range)
+        sigma = cfg.eta * np.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
+        x_prev = np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev - sigma**2) * eps
+        if self.stochastic:
+            x_prev = x_prev + sigma * check_noise(noise, sample, "DDIMScheduler")
+        dtype = np.asarray(sample).dtype
+        return StepOutput(prev_sample=x_prev.astype(dtype), pred_original_sample=x0.astype(dtype))

@@ -1,0 +1,203 @@
+"""The scheduler config, the training table, the forward process and the errors every sampler shares."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from medsr.engine.schedulers import (
+    SchedulerConfig,
+    add_noise,
+    alphas_cumprod,
+    make_scheduler,
+    predict_x0_eps,
+    training_target,
+)
+from medsr.errors import BundleError, InputError
+
+SHAPE = (2, 3, 4, 4)
+
+#: one config per algorithm, each with a non-default field so that a lost field shows
+CONFIGS = [
+    SchedulerConfig(algorithm="ddim", eta=0.5, timestep_spacing="trailing", prediction_type="v_prediction"),
+]
+
+
+def _trajectory(config: SchedulerConfig, steps: int = 6) -> list[np.ndarray]:
+    scheduler = make_scheduler(config)
+    scheduler.set_timesteps(steps)
+    rng = np.random.default_rng(3)
+    x = config.init_noise_sigma * rng.standard_normal(SHAPE)
+    outs = []
+    for t in scheduler.timesteps:
+        noise = rng.standard_normal(SHAPE) if scheduler.stochastic else None
+        step = scheduler.step(np.tanh(x) * 0.5 + 1e-3 * float(t), t, x, noise)
+        x = step.prev_sample
+        outs += [step.prev_sample, step.pred_original_sample]
+    return outs
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.algorithm)
+def test_config_roundtrip_gives_same_steps(config):
+    """save -> JSON -> load gives an equal config and bit-identical steps (diffusers' check_over_configs)."""
+    loaded = SchedulerConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert loaded == config
+    for a, b in zip(_trajectory(config), _trajectory(loaded)):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "entry, named",
+    [
+        ({"algorithm": "euler_a"}, "euler_a"),  # unknown algorithm
+        ({"beta_schedule": "sigmoid"}, "sigmoid"),  # unknown schedule
+        ({"num_train_timesteps": "1000"}, "num_train_timesteps"),  # a string where an int belongs
+        ({"clip_sample": 1}, "clip_sample"),  # an int where a bool belongs
+        ({"eta": -0.1}, "eta"),  # negative eta
+        ({"default_steps": 2000}, "default_steps"),  # more steps than training timesteps
+        ({"num_train_timesteps": True}, "num_train_timesteps"),  # bool is not an int
+        ({"betas": [0.1]}, "betas"),  # unknown key
+        ({"algorithm": "latentsr", "prediction_type": "epsilon"}, "epsilon"),  # the paper's loop is x0 only
+        ({"algorithm": "ddim", "prediction_type": "flow"}, "flow"),  # velocity of another path
+        ({"init_noise_sigma": float("nan")}, "init_noise_sigma"),  # not finite
+    ],
+)
+def test_from_dict_refuses_bad_entries_by_name(entry, named):
+    with pytest.raises(BundleError, match=named):
+        SchedulerConfig.from_dict(entry)
+
+
+def test_from_dict_refuses_a_non_object():
+    with pytest.raises(BundleError, match="list"):
+        SchedulerConfig.from_dict(["ddim"])
+
+
+def test_from_dict_fills_defaults_and_stores_floats():
+    config = SchedulerConfig.from_dict({"eta": 1})
+    assert config.algorithm == "ddim" and isinstance(config.eta, float) and config.eta == 1.0
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.algorithm)
+def test_step_before_set_timesteps_says_what_to_do(config):
+    scheduler = make_scheduler(config)
+    x = np.zeros(SHAPE, np.float32)
+    with pytest.raises(RuntimeError, match="set_timesteps"):
+        scheduler.step(x, 0, x, np.zeros_like(x))
+
+
+@pytest.mark.parametrize("steps", [0, 1001, 2.5])
+def test_set_timesteps_refuses_bad_counts(steps):
+    with pytest.raises(InputError, match="num_inference_steps"):
+        make_scheduler(SchedulerConfig()).set_timesteps(steps)
+
+
+def test_stochastic_step_needs_noise_of_the_sample_shape():
+    scheduler = make_scheduler(SchedulerConfig(algorithm="ddim", eta=1.0))
+    scheduler.set_timesteps(4)
+    assert scheduler.stochastic
+    x = np.ones(SHAPE, np.float32)
+    t = scheduler.timesteps[0]
+    with pytest.raises(InputError, match="noise"):
+        scheduler.step(x, t, x)
+    with pytest.raises(InputError, match="shape"):
+        scheduler.step(x, t, x, np.ones((1, 3, 4, 4)))
+
+
+def test_step_refuses_a_timestep_outside_the_table():
+    scheduler = make_scheduler(SchedulerConfig())
+    scheduler.set_timesteps(4)
+    x = np.ones(SHAPE)
+    with pytest.raises(InputError, match="1000"):
+        scheduler.step(x, 1000, x)
+
+
+def test_deterministic_ddim_is_not_stochastic_and_keeps_dtype():
+    scheduler = make_scheduler(SchedulerConfig(algorithm="ddim"))
+    scheduler.set_timesteps(3)
+    assert not scheduler.stochastic
+    x = np.ones(SHAPE, np.float32)
+    out = scheduler.step(x, scheduler.timesteps[0], x)
+    assert out.prev_sample.dtype == np.float32 and out.pred_original_sample.dtype == np.float32
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample", "flow"])
+def test_adapter_inverts_the_forward_process(prediction_type):
+    """For x_t built from known (x0, eps), the adapter recovers both from the matching model output."""
+    rng = np.random.default_rng(0)
+    x0, eps = rng.standard_normal(SHAPE), rng.standard_normal(SHAPE)
+    if prediction_type == "flow":
+        sigma = 0.3
+        alpha = 1 - sigma
+    else:
+        alpha = 0.6
+        sigma = np.sqrt(1 - alpha**2)
+    output = {"epsilon": eps, "sample": x0, "v_prediction": alpha * eps - sigma * x0, "flow": eps - x0}
+    got_x0, got_eps = predict_x0_eps(output[prediction_type], alpha * x0 + sigma * eps, alpha, sigma, prediction_type)
+    np.testing.assert_allclose(got_x0, x0, atol=1e-12)
+    np.testing.assert_allclose(got_eps, eps, atol=1e-12)
+
+
+# ---------------------------------------------------------------- against diffusers' tables and forward process
+
+TABLE_CASES = [
+    {"beta_schedule": "linear"},
+    {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
+    {"beta_schedule": "squaredcos_cap_v2"},
+]
+
+
+@pytest.mark.parametrize("kw", TABLE_CASES, ids=lambda kw: kw["beta_schedule"])
+def test_alphas_cumprod_matches_diffusers(kw):
+    """float64 here vs diffusers' float32 table: equal up to float32 cumprod rounding (measured max 1.3e-5)."""
+    diffusers = pytest.importorskip("diffusers")
+    theirs = diffusers.DDPMScheduler(**kw).alphas_cumprod.double().numpy()
+    ours = alphas_cumprod(SchedulerConfig(**kw))
+    assert ours.dtype == np.float64 and ours.shape == (1000,)
+    np.testing.assert_allclose(ours, theirs, rtol=3e-5)
+
+
+def test_cosine_table_is_the_uncapped_squaredcos():
+    """ "cosine" equals diffusers' capped table wherever the 0.999 cap does not bite (all but the last entry)."""
+    capped = alphas_cumprod(SchedulerConfig(beta_schedule="squaredcos_cap_v2"))
+    cosine = alphas_cumprod(SchedulerConfig(beta_schedule="cosine"))
+    np.testing.assert_allclose(cosine[:-1], capped[:-1], rtol=1e-12)
+    assert cosine[-1] < 1e-30 < capped[-1]
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("kw", TABLE_CASES, ids=lambda kw: kw["beta_schedule"])
+def test_add_noise_and_target_match_diffusers(kw, prediction_type):
+    """add_noise vs DDPMScheduler.add_noise, and the v target vs get_velocity, in float64."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    config = SchedulerConfig(prediction_type=prediction_type, **kw)
+    theirs = diffusers.DDPMScheduler(**kw)
+    theirs.alphas_cumprod = torch.from_numpy(alphas_cumprod(config))  # the table is checked above
+    rng = np.random.default_rng(5)
+    x0, eps = rng.standard_normal(SHAPE), rng.standard_normal(SHAPE)
+    t = np.array([0, 999], np.int64)
+    args = torch.from_numpy(x0), torch.from_numpy(eps), torch.from_numpy(t)
+    np.testing.assert_allclose(add_noise(x0, eps, t, config), theirs.add_noise(*args).numpy(), rtol=1e-12)
+    expected = {"epsilon": eps, "sample": x0, "v_prediction": theirs.get_velocity(*args).numpy()}[prediction_type]
+    np.testing.assert_allclose(training_target(x0, eps, t, config), expected, rtol=1e-12)
+
+
+def test_add_noise_keeps_dtype_and_reads_reversed_tables_backwards():
+    x0 = np.ones(SHAPE, np.float32)
+    eps = np.zeros(SHAPE, np.float32)
+    forward = SchedulerConfig(beta_schedule="cosine")
+    backward = SchedulerConfig(beta_schedule="cosine", reversed_table=True)
+    out = add_noise(x0, eps, 0, backward)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, add_noise(x0, eps, 999, forward))
+    assert np.all(out < 1e-6)  # timestep 0 of the paper's table is pure noise
+
+
+def test_add_noise_refuses_timesteps_outside_the_table():
+    x = np.zeros(SHAPE)
+    with pytest.raises(InputError, match="999"):
+        add_noise(x, x, np.array([3, 1000]), SchedulerConfig())
+    with pytest.raises(InputError, match="integers"):
+        add_noise(x, x, 0.5, SchedulerConfig())
