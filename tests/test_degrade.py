@@ -116,7 +116,9 @@ def test_baseline_upsampling_shares_the_grid(method, scale):
 def _bandlimited(rng, lr_shape, scale):
     """A random real image whose spectrum is zero for |k| >= n/2 on both axes, as its continuous form f(t0, t1)."""
     freqs = [np.arange(-((n - 1) // 2), (n - 1) // 2 + 1) for n in lr_shape]
-    coef = rng.standard_normal((len(freqs[0]), len(freqs[1]))) + 1j * rng.standard_normal((len(freqs[0]), len(freqs[1])))
+    coef = rng.standard_normal((len(freqs[0]), len(freqs[1]))) + 1j * rng.standard_normal(
+        (len(freqs[0]), len(freqs[1]))
+    )
     sizes = [n * scale for n in lr_shape]
 
     def f(t0, t1):

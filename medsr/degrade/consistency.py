@@ -96,7 +96,7 @@ def backproject(sr, lr, op: Degradation, iterations: int = 10, tol: float = 1e-3
 
     Each iteration back-projects the LR residual through A^T with conjugate-gradient step sizes (Craig's method:
     CG on A A^T z = lr - A(sr), then sr + A^T z). It converges to the image closest to ``sr`` that reproduces
-    ``lr`` exactly, and costs one A and one A^T per iteration. Slices stop moving once they meet ``tol``; the loop
+    ``lr`` exactly (for an ``lr`` that A can produce, as any image made by A is), and costs one A and one A^T per iteration. Slices stop moving once they meet ``tol``; the loop
     ends when all do or after ``iterations``. An all-zero LR slice only meets tol when A(sr) is exactly zero.
     """
     if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral) or iterations < 0:
