@@ -30,3 +30,7 @@ class BackendError(MedsrError, RuntimeError):
 
 class CheckpointError(MedsrError, ValueError):
     """A checkpoint whose format, keys or shapes do not match what its loader expects."""
+
+
+class NonFiniteError(MedsrError, ArithmeticError):
+    """NaN or Inf appeared in a pipeline stage (the message names the stage), e.g. an fp16 overflow."""

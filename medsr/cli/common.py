@@ -1,0 +1,48 @@
+"""What every medsr command shares: MedsrError -> one-line error and exit code 1; SIGINT/SIGTERM -> exit 130/143
+after the atomic writers have removed their temporary files."""
+
+from __future__ import annotations
+
+import functools
+import signal
+import sys
+
+import click
+
+from medsr.errors import MedsrError
+
+
+def _raise_on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
+    raise SystemExit(128 + signum)
+
+
+def run_command(command: click.Command) -> None:
+    """Run a click command as a console script, turning MedsrError into ``Error: <message>`` on stderr."""
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    try:
+        command.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Interrupted: no output was written.", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except MedsrError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("Interrupted: no output was written.", err=True)
+        sys.exit(130)
+
+
+def medsr_errors(function):
+    """Decorator for command callbacks: MedsrError becomes a ClickException, so CliRunner sees exit code 1."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except MedsrError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+    return wrapper

@@ -1,0 +1,164 @@
+"""Latent-diffusion super-resolution of 2D slices: encode the LR slice, denoise from seeded noise, decode.
+
+Backend-agnostic: the graphs run through medsr.engine.sessions.Session objects (ONNX Runtime, TensorRT, or the
+PyTorch reference modules), and the loop is the NumPy scheduler of the bundle, so every engine draws the same noise
+and takes the same steps, and their outputs can be compared pixel for pixel.
+
+Seeds: every slice draws its noise from its own generator ``np.random.default_rng([seed, slice_index])``, in a fixed
+order (LR latent sample if any, initial noise, then per-step noise for stochastic samplers), so a slice's result does
+not depend on the batch size or on which other slices share its batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from medsr.engine.bundle import Bundle
+from medsr.engine.schedulers import SchedulerConfig, make_scheduler
+from medsr.engine.sessions import Session
+from medsr.errors import NonFiniteError, ShapeError
+
+# trace(stage, slice_indices, array): called with each intermediate stage of each batch, for the parity harness.
+Trace = Callable[[str, Sequence[int], np.ndarray], None]
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How to sample: ``steps`` None means the bundle's default; ``lr_latent`` None means the bundle's choice."""
+
+    steps: int | None = None
+    seed: int = 0
+    batch_size: int = 4
+    lr_latent: str | None = None
+
+
+def pad_to_multiple(images: np.ndarray, multiple: int) -> np.ndarray:
+    """Pad (N, H, W) at the bottom and right to multiples of ``multiple`` by mirroring (edge repeat when the pad is
+    larger than the image). Crop the result back with the original size times the scale."""
+    height, width = images.shape[-2:]
+    pad_h, pad_w = -height % multiple, -width % multiple
+    if not (pad_h or pad_w):
+        return images
+    widths = [(0, 0)] * (images.ndim - 2) + [(0, pad_h), (0, pad_w)]
+    mode = "symmetric" if pad_h <= height and pad_w <= width else "edge"
+    return np.pad(images, widths, mode=mode)
+
+
+def _check_finite(stage: str, array: np.ndarray) -> None:
+    if not np.isfinite(array).all():
+        raise NonFiniteError(f"NaN/Inf in stage {stage}: the model or its precision is numerically unstable")
+
+
+class LatentSRPipeline:
+    """encode -> denoise loop -> decode over batches of LR slices already normalized to the model's range.
+
+    Args:
+        bundle: the validated bundle (scale, latent convention, scheduler defaults).
+        sessions: a Session per graph name (``vae_encoder``, ``vae_decoder``, ``denoiser``).
+        scheduler_config: overrides the bundle's scheduler (e.g. another sampler); default: the bundle's.
+    """
+
+    def __init__(self, bundle: Bundle, sessions: dict[str, Session], scheduler_config: SchedulerConfig | None = None):
+        self.bundle = bundle
+        self.sessions = sessions
+        self.scheduler_config = scheduler_config or SchedulerConfig.from_dict(bundle.scheduler)
+        vae = bundle.manifest["vae"]
+        self.scaling_factor = float(vae["scaling_factor"])
+        self.shift_factor = float(vae["shift_factor"])
+
+    def super_resolve(
+        self,
+        lr: np.ndarray,
+        options: SamplingOptions = SamplingOptions(),
+        progress: Callable[[int], None] | None = None,
+        trace: Trace | None = None,
+        first_index: int = 0,
+    ) -> np.ndarray:
+        """Super-resolve (N, h, w) LR slices in [-1, 1] to (N, s*h, s*w) float32.
+
+        ``progress(n)`` is called after each batch with the number of slices it held. Slice i is seeded and traced
+        as index ``first_index + i`` (a volume's frames continue the numbering).
+        """
+        if lr.ndim != 3:
+            raise ShapeError(f"expected LR slices shaped (N, H, W), got {lr.shape}")
+        if options.batch_size < 1:
+            raise ShapeError(f"batch size must be >= 1, got {options.batch_size}")
+        scale = self.bundle.scale
+        out = np.empty((lr.shape[0], lr.shape[1] * scale, lr.shape[2] * scale), dtype=np.float32)
+        for start in range(0, lr.shape[0], options.batch_size):
+            stop = min(start + options.batch_size, lr.shape[0])
+            indices = [first_index + i for i in range(start, stop)]
+            out[start:stop] = self._super_resolve_batch(lr[start:stop].astype(np.float32), indices, options, trace)
+            if progress is not None:
+                progress(len(indices))
+        return out
+
+    def _super_resolve_batch(
+        self, lr: np.ndarray, indices: list[int], options: SamplingOptions, trace: Trace | None
+    ) -> np.ndarray:
+        scale, channels = self.bundle.scale, self.bundle.image_channels
+        height, width = lr.shape[-2:]
+        padded = pad_to_multiple(lr, self.bundle.lr_multiple)
+        image = np.repeat(padded[:, None], channels, axis=1)
+        rngs = [np.random.default_rng([options.seed, index]) for index in indices]
+        z_lr = self.encode(image, rngs, options.lr_latent or self.bundle.manifest["vae"]["lr_latent"])
+        _emit(trace, "lr_latent", indices, z_lr)
+        latent = self.denoise(z_lr, rngs, options.steps, indices, trace)
+        _emit(trace, "final_latent", indices, latent)
+        decoded = self.decode(latent)
+        _emit(trace, "decoded_image", indices, decoded)
+        return decoded.mean(axis=1)[:, : height * scale, : width * scale]
+
+    def encode(self, image: np.ndarray, rngs: list[np.random.Generator], lr_latent: str) -> np.ndarray:
+        """(B, C_img, H, W) -> scaled latent z = (latent - shift) * scale, the posterior mean or a seeded sample."""
+        moments = self.sessions["vae_encoder"].run({"image": image})
+        mean, logvar = moments["latent_mean"], moments["latent_logvar"]
+        _check_finite("vae_encoder", mean)
+        if lr_latent == "sample":
+            eps = np.stack([rng.standard_normal(mean.shape[1:], dtype=np.float32) for rng in rngs])
+            mean = mean + np.exp(0.5 * logvar) * eps
+        elif lr_latent != "mean":
+            raise ShapeError(f"lr_latent must be 'mean' or 'sample', got {lr_latent!r}")
+        return ((mean - self.shift_factor) * self.scaling_factor).astype(np.float32)
+
+    def denoise(
+        self,
+        z_lr: np.ndarray,
+        rngs: list[np.random.Generator],
+        steps: int | None,
+        indices: Sequence[int],
+        trace: Trace | None = None,
+    ) -> np.ndarray:
+        """Run the sampler from seeded noise to the HR latent (B, C_lat, s*h, s*w), conditioned on ``z_lr``."""
+        scheduler = make_scheduler(self.scheduler_config)
+        scheduler.set_timesteps(steps or self.scheduler_config.default_steps)
+        shape = (z_lr.shape[1], z_lr.shape[2] * self.bundle.scale, z_lr.shape[3] * self.bundle.scale)
+        sample = np.stack([rng.standard_normal(shape, dtype=np.float32) for rng in rngs])
+        sample = (sample * np.float32(scheduler.init_noise_sigma)).astype(np.float32)
+        denoiser = self.sessions["denoiser"]
+        for k, t in enumerate(scheduler.timesteps):
+            timestep = np.full((sample.shape[0],), t, dtype=np.float32)
+            output = denoiser.run({"sample": sample, "lr_latent": z_lr, "timestep": timestep})["model_output"]
+            _check_finite(f"denoiser step {k} (t={t})", output)
+            _emit(trace, f"denoiser_output[{k}]", indices, output)
+            noise = None
+            if scheduler.stochastic:
+                noise = np.stack([rng.standard_normal(shape, dtype=np.float32) for rng in rngs])
+            sample = scheduler.step(output, t, sample, noise=noise).prev_sample.astype(np.float32)
+        _check_finite("sampler", sample)
+        return sample
+
+    def decode(self, latent: np.ndarray) -> np.ndarray:
+        """Scaled HR latent -> (B, C_img, H, W) image in about [-1, 1]."""
+        unscaled = (latent / self.scaling_factor + self.shift_factor).astype(np.float32)
+        image = self.sessions["vae_decoder"].run({"latent": unscaled})["image"]
+        _check_finite("vae_decoder", image)
+        return image
+
+
+def _emit(trace: Trace | None, stage: str, indices: Sequence[int], array: np.ndarray) -> None:
+    if trace is not None:
+        trace(stage, indices, array)

@@ -1,0 +1,236 @@
+"""Export of the three bundle graphs to ONNX, validated against PyTorch, written as a bundle (DESIGN.md).
+
+Uses the legacy TorchScript exporter (``dynamo=False``, opset 17, ``dynamic_axes``): it exports diffusers'
+AutoencoderKL and UNet2DModel with dynamic batch, height and width and agrees with PyTorch to about 1e-6
+(REFERENCE.md section 5), where the dynamo exporter needs extra care with batch-1 examples and external data.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import medsr
+from medsr.engine.bundle import FORMAT_VERSION, sha256_file, write_manifest
+from medsr.engine.graphs import GRAPHS, GraphSpec
+from medsr.errors import OutputError
+from medsr.export.models import graph_modules
+from medsr.export.presets import Preset
+
+OPSET = 17
+
+
+@dataclass(frozen=True)
+class ExampleShape:
+    """An LR slice size and batch used to build example inputs for export and validation."""
+
+    batch: int
+    lr_height: int
+    lr_width: int
+
+
+def example_inputs(preset: Preset, shape: ExampleShape, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
+    """Random inputs for every graph at one LR size: {graph: {input name: tensor}} (float32, CPU)."""
+    generator = torch.Generator().manual_seed(seed)
+    f, s, c_lat = preset.vae_factor, preset.scale, preset.latent_channels
+    lr_h, lr_w = shape.lr_height // f, shape.lr_width // f
+
+    def randn(*size: int) -> torch.Tensor:
+        return torch.randn(*size, generator=generator)
+
+    return {
+        "vae_encoder": {"image": randn(shape.batch, preset.image_channels, shape.lr_height, shape.lr_width).clamp(-1, 1)},
+        "vae_decoder": {"latent": randn(shape.batch, c_lat, lr_h * s, lr_w * s)},
+        "denoiser": {
+            "sample": randn(shape.batch, c_lat, lr_h * s, lr_w * s),
+            "lr_latent": randn(shape.batch, c_lat, lr_h, lr_w),
+            "timestep": torch.rand(shape.batch, generator=generator) * 999.0,
+        },
+    }
+
+
+def validation_shapes(preset: Preset) -> tuple[ExampleShape, ExampleShape]:
+    """Two different shapes (batch, non-square, transposed) on which each graph is checked against PyTorch."""
+    m = preset.lr_multiple
+    return ExampleShape(1, 2 * m, 3 * m), ExampleShape(2, 3 * m, 2 * m)
+
+
+def export_graph(module: torch.nn.Module, spec: GraphSpec, inputs: dict[str, torch.Tensor], path: Path) -> None:
+    """Export one module to ``path`` with the spec's names and dynamic axes, then check and shape-infer it."""
+    import onnx
+
+    args = tuple(inputs[name] for name in spec.inputs)
+    # The tracer warns about diffusers' shape asserts and batch-size branches; the graphs are validated against
+    # PyTorch on two other shapes right after, which is the check that matters.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=list(spec.inputs),
+            output_names=list(spec.outputs),
+            dynamic_axes={name: dict(axes) for name, axes in spec.dynamic_axes.items()},
+        )
+    onnx.checker.check_model(str(path))
+    onnx.save(onnx.shape_inference.infer_shapes(onnx.load(str(path))), str(path))
+
+
+def compare_arrays(actual: np.ndarray, expected: np.ndarray) -> dict:
+    """Max abs error, relative L2 error and PSNR (dB, peak = the expected array's range) of two arrays."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    diff = actual - expected
+    mse = float(np.mean(diff**2))
+    peak = float(expected.max() - expected.min()) or 1.0
+    return {
+        "max_abs": float(np.max(np.abs(diff))),
+        "rel_l2": float(np.linalg.norm(diff) / (np.linalg.norm(expected) or 1.0)),
+        "psnr_db": float("inf") if mse == 0 else float(10 * np.log10(peak**2 / mse)),
+    }
+
+
+def validate_graph(module: torch.nn.Module, spec: GraphSpec, path: Path, inputs: dict[str, torch.Tensor]) -> dict:
+    """Run the ONNX graph in ONNX Runtime (CPU) and the module in PyTorch on ``inputs``; compare every output."""
+    from medsr.engine.sessions import OrtSession
+
+    session = OrtSession(path, device="cpu")
+    onnx_out = session.run({name: tensor.numpy() for name, tensor in inputs.items()})
+    with torch.no_grad():
+        torch_out = module(*(inputs[name] for name in spec.inputs))
+    torch_out = torch_out if isinstance(torch_out, tuple) else (torch_out,)
+    shapes = {name: list(tensor.shape) for name, tensor in inputs.items()}
+    return {
+        "input_shapes": shapes,
+        "outputs": {name: compare_arrays(onnx_out[name], out.numpy()) for name, out in zip(spec.outputs, torch_out)},
+    }
+
+
+def _graph_record(spec: GraphSpec, path: Path, inputs: dict[str, torch.Tensor]) -> dict:
+    def axes(name: str, rank: int) -> list:
+        named = spec.dynamic_axes.get(name, {})
+        return [named.get(i, None) for i in range(rank)]
+
+    return {
+        "file": spec.file,
+        "sha256": sha256_file(path),
+        "opset": OPSET,
+        "precision": "fp32",
+        "inputs": [{"name": n, "dtype": "float32", "shape": axes(n, inputs[n].dim())} for n in spec.inputs],
+        "outputs": [{"name": n, "dtype": "float32", "shape": axes(n, 1 if n == "timestep" else 4)} for n in spec.outputs],
+    }
+
+
+def build_manifest(preset: Preset, graphs: dict, validation: dict, provenance: dict, reference: dict) -> dict:
+    """The medsr.json of a bundle exported from ``preset`` (format of DESIGN.md)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "name": preset.name,
+        "description": preset.description,
+        "medsr_version": medsr.__version__,
+        "task": {
+            "scale": preset.scale,
+            "image_channels": preset.image_channels,
+            "lr_multiple": preset.lr_multiple,
+            "intensity": {"range": [-1.0, 1.0], **preset.intensity},
+            "degradation": preset.degradation,
+        },
+        "vae": {
+            "downsample_factor": preset.vae_factor,
+            "latent_channels": preset.latent_channels,
+            "scaling_factor": preset.latent_scaling_factor,
+            "shift_factor": preset.latent_shift_factor,
+            "lr_latent": preset.lr_latent,
+        },
+        "denoiser": {
+            "prediction_type": preset.scheduler["prediction_type"],
+            "conditioning": "lr_latent_bilinear_concat",
+        },
+        "scheduler": preset.scheduler,
+        "graphs": graphs,
+        "provenance": provenance,
+        "validation": validation,
+        "torch_reference": reference,
+    }
+
+
+def _save_torch_reference(vae, unet, preset: Preset, root: Path) -> dict:
+    """Store the PyTorch weights (safetensors) and configs so ``--engine torch`` can rebuild the reference."""
+    from safetensors.torch import save_file
+
+    (root / "torch").mkdir()
+    record = {}
+    for name, module, config in (("vae", vae, preset.vae), ("unet", unet, preset.unet)):
+        path = root / "torch" / f"{name}.safetensors"
+        save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(path))
+        record[name] = {"file": f"torch/{name}.safetensors", "sha256": sha256_file(path), "config": _jsonable(config)}
+    return record
+
+
+def _jsonable(config: dict) -> dict:
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in config.items()}
+
+
+def export_bundle(vae, unet, preset: Preset, out_dir: str | os.PathLike, provenance: dict, overwrite: bool = False) -> Path:
+    """Export ``vae`` and ``unet`` (built from ``preset``) as a validated bundle directory ``out_dir``.
+
+    The bundle is assembled in a temporary sibling directory and renamed into place, so ``out_dir`` is either the
+    complete bundle or untouched. Returns the bundle path.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise OutputError(f"{out_dir}: output exists; pass --overwrite to replace it")
+    if not out_dir.parent.is_dir():
+        raise OutputError(f"{out_dir}: parent directory {out_dir.parent} does not exist")
+    modules = graph_modules(vae.eval(), unet.eval())
+    first, second = validation_shapes(preset)
+    export_inputs = example_inputs(preset, ExampleShape(2, first.lr_height, first.lr_width), seed=0)
+    checks = [example_inputs(preset, shape, seed=1 + i) for i, shape in enumerate((first, second))]
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    staging.chmod(0o777 & ~_umask())
+    try:
+        graphs, validation = {}, {}
+        for name, spec in GRAPHS.items():
+            path = staging / spec.file
+            export_graph(modules[name], spec, export_inputs[name], path)
+            graphs[name] = _graph_record(spec, path, export_inputs[name])
+            validation[name] = [validate_graph(modules[name], spec, path, check[name]) for check in checks]
+        reference = _save_torch_reference(vae, unet, preset, staging)
+        provenance = {
+            **provenance,
+            "exported": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "torch_version": torch.__version__,
+        }
+        write_manifest(staging, build_manifest(preset, graphs, {"onnx_vs_torch": validation}, provenance, reference))
+        _replace_dir(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _replace_dir(staging: Path, out_dir: Path) -> None:
+    """Move ``staging`` to ``out_dir``, replacing an existing bundle only after the new one is complete."""
+    if out_dir.exists():
+        backup = out_dir.with_name(f".{out_dir.name}.old")
+        shutil.rmtree(backup, ignore_errors=True)
+        os.replace(out_dir, backup)
+        os.replace(staging, out_dir)
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        os.replace(staging, out_dir)

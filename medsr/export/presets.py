@@ -1,0 +1,127 @@
+"""Named model configurations: the architecture, latent convention, schedule and task of a model family.
+
+A preset is everything needed to build the PyTorch networks and to write a bundle manifest except the weights.
+``tiny`` exists for tests (exports and runs in seconds on a CPU); the paper's systems and the bundled default model
+are added by the issues that bring their weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+from medsr.errors import InputError
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One model family.
+
+    Attributes:
+        name: preset name, as ``medsr-export --preset NAME`` takes it.
+        description: one line for ``--help`` and the manifest.
+        scale: in-plane super-resolution factor s (LR pixel i <-> HR pixel centre s*i + (s-1)/2).
+        image_channels: channels the VAE takes; grayscale images are replicated to this many and averaged back.
+        vae: diffusers AutoencoderKL keyword arguments.
+        unet: diffusers UNet2DModel keyword arguments (in_channels = 2 * latent channels: noisy HR latent + LR latent).
+        scheduler: medsr.engine.schedulers.SchedulerConfig fields (prediction type, schedule, sampler, steps).
+        latent_scaling_factor, latent_shift_factor: z = (posterior latent - shift) * scale, as diffusers does.
+        lr_latent: "mean" (deterministic) or "sample" (the paper's ``posterior.sample()``, seeded).
+        intensity: normalization of input intensities to [-1, 1] (robust percentiles of the volume).
+        degradation: the operator that made LR from HR in training (medsr.degrade), or None when unknown.
+    """
+
+    name: str
+    description: str
+    scale: int
+    image_channels: int
+    vae: dict
+    unet: dict
+    scheduler: dict
+    latent_scaling_factor: float = 1.0
+    latent_shift_factor: float = 0.0
+    lr_latent: str = "mean"
+    intensity: dict = field(default_factory=lambda: {"method": "percentile", "low": 0.5, "high": 99.5})
+    degradation: dict | None = None
+
+    @property
+    def vae_factor(self) -> int:
+        """Spatial downsampling factor f of the VAE (2 per level after the first)."""
+        return 2 ** (len(self.vae["block_out_channels"]) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.vae["latent_channels"]
+
+    @property
+    def lr_multiple(self) -> int:
+        """LR sizes must be multiples of this: the LR latent is LR/f and the HR latent s*LR/f must pass the UNet's
+        2**(levels-1) downsampling, so m = f * d / gcd(s, d) with d = 2**(UNet levels - 1)."""
+        d = 2 ** (len(self.unet["block_out_channels"]) - 1)
+        return self.vae_factor * d // math.gcd(self.scale, d)
+
+
+def _tiny() -> Preset:
+    latent = 4
+    return Preset(
+        name="tiny",
+        description="Tiny model for tests: f=4 VAE (8,16,16), 2-level UNet (16,32), no attention, x4, grayscale.",
+        scale=4,
+        image_channels=1,
+        vae={
+            "in_channels": 1,
+            "out_channels": 1,
+            "down_block_types": ("DownEncoderBlock2D",) * 3,
+            "up_block_types": ("UpDecoderBlock2D",) * 3,
+            "block_out_channels": (8, 16, 16),
+            "layers_per_block": 1,
+            "latent_channels": latent,
+            "norm_num_groups": 8,
+            "mid_block_add_attention": False,
+        },
+        unet={
+            "in_channels": 2 * latent,
+            "out_channels": latent,
+            "block_out_channels": (16, 32),
+            "down_block_types": ("DownBlock2D", "DownBlock2D"),
+            "up_block_types": ("UpBlock2D", "UpBlock2D"),
+            "add_attention": False,
+            "layers_per_block": 1,
+            "norm_num_groups": 8,
+            "attention_head_dim": 8,
+        },
+        scheduler={
+            "algorithm": "ddim",
+            "num_train_timesteps": 1000,
+            "beta_schedule": "squaredcos_cap_v2",
+            "prediction_type": "sample",
+            "timestep_spacing": "trailing",
+            "default_steps": 4,
+        },
+    )
+
+
+def _tiny_attention() -> Preset:
+    """``tiny`` with self-attention in the VAE mid block and the UNet's second level: exercises attention export.
+    Attention is quadratic in latent H*W, so this one is for export checks on small inputs only."""
+    tiny = _tiny()
+    vae = {**tiny.vae, "mid_block_add_attention": True}
+    unet = {
+        **tiny.unet,
+        "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
+        "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
+        "add_attention": True,
+    }
+    description = "Tiny model with attention (VAE mid block, UNet level 2 and mid block), for export tests."
+    return replace(tiny, name="tiny-attention", description=description, vae=vae, unet=unet)
+
+
+PRESETS: dict[str, Preset] = {preset.name: preset for preset in (_tiny(), _tiny_attention())}
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called ``name``; an InputError listing the known names otherwise."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise InputError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}") from None
