@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -22,6 +24,17 @@ SHAPE = (2, 3, 4, 4)
 #: one config per algorithm, each with a non-default field so that a lost field shows
 CONFIGS = [
     SchedulerConfig(algorithm="ddim", eta=0.5, timestep_spacing="trailing", prediction_type="v_prediction"),
+    SchedulerConfig(algorithm="ddpm", beta_schedule="squaredcos_cap_v2", clip_sample=True, prediction_type="sample"),
+    SchedulerConfig(algorithm="dpmsolver++", timestep_spacing="linspace", beta_schedule="scaled_linear"),
+    SchedulerConfig(algorithm="flow_euler", prediction_type="flow", flow_shift=3.0),
+    SchedulerConfig(algorithm="flow_euler", prediction_type="flow", flow_convention="latentsr"),
+    SchedulerConfig(
+        algorithm="latentsr",
+        beta_schedule="cosine",
+        prediction_type="sample",
+        reversed_table=True,
+        init_noise_sigma=0.5,
+    ),
 ]
 
 
@@ -46,6 +59,49 @@ def test_config_roundtrip_gives_same_steps(config):
     assert loaded == config
     for a, b in zip(_trajectory(config), _trajectory(loaded)):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.algorithm)
+def test_set_timesteps_resets_the_scheduler(config):
+    """A second run on the same object repeats the first exactly (multistep history and step counters reset)."""
+    scheduler = make_scheduler(config)
+    first = _run(scheduler)
+    np.testing.assert_array_equal(_run(scheduler), first)
+
+
+def _run(scheduler, steps: int = 5) -> np.ndarray:
+    scheduler.set_timesteps(steps)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(SHAPE)
+    for t in scheduler.timesteps:
+        noise = rng.standard_normal(SHAPE) if scheduler.stochastic else None
+        x = scheduler.step(np.sin(x), t, x, noise).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.algorithm)
+def test_every_scheduler_keeps_float32(config):
+    scheduler = make_scheduler(config)
+    scheduler.set_timesteps(3)
+    assert scheduler.init_noise_sigma == config.init_noise_sigma
+    x = np.full(SHAPE, 0.3, np.float32)
+    for t in scheduler.timesteps:
+        noise = np.zeros(SHAPE, np.float32) if scheduler.stochastic else None
+        out = scheduler.step(np.full(SHAPE, 0.1, np.float32), t, x, noise)
+        assert out.prev_sample.dtype == np.float32 and out.pred_original_sample.dtype == np.float32
+        x = out.prev_sample
+
+
+def test_engine_schedulers_import_without_torch():
+    """medsr.engine.schedulers runs with torch and diffusers made unimportable."""
+    code = (
+        "import sys\n"
+        "for name in ('torch', 'diffusers'): sys.modules[name] = None\n"
+        "from medsr.engine.schedulers import SchedulerConfig, make_scheduler\n"
+        "s = make_scheduler(SchedulerConfig(algorithm='dpmsolver++')); s.set_timesteps(3)\n"
+        "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 @pytest.mark.parametrize(
@@ -113,13 +169,34 @@ def test_step_refuses_a_timestep_outside_the_table():
         scheduler.step(x, 1000, x)
 
 
-def test_deterministic_ddim_is_not_stochastic_and_keeps_dtype():
-    scheduler = make_scheduler(SchedulerConfig(algorithm="ddim"))
-    scheduler.set_timesteps(3)
-    assert not scheduler.stochastic
-    x = np.ones(SHAPE, np.float32)
-    out = scheduler.step(x, scheduler.timesteps[0], x)
-    assert out.prev_sample.dtype == np.float32 and out.pred_original_sample.dtype == np.float32
+@pytest.mark.parametrize(
+    "config, stochastic",
+    [
+        (SchedulerConfig(algorithm="ddim"), False),
+        (SchedulerConfig(algorithm="ddim", eta=0.1), True),
+        (SchedulerConfig(algorithm="ddpm"), True),
+        (SchedulerConfig(algorithm="dpmsolver++"), False),
+    ],
+)
+def test_stochastic_flag(config, stochastic):
+    assert make_scheduler(config).stochastic is stochastic
+
+
+def test_ddim_float32_close_to_diffusers_float32():
+    """float32 in, float32 out, within float32 table rounding of diffusers' own float32 run."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    ours = make_scheduler(SchedulerConfig(algorithm="ddim", timestep_spacing="trailing"))
+    theirs = diffusers.DDIMScheduler(timestep_spacing="trailing", clip_sample=False)
+    ours.set_timesteps(20)
+    theirs.set_timesteps(20)
+    x = np.random.default_rng(1).standard_normal(SHAPE).astype(np.float32)
+    y = torch.from_numpy(x.copy())
+    for t in ours.timesteps:
+        x = ours.step(np.tanh(x), t, x).prev_sample
+        y = theirs.step(torch.tanh(y), int(t), y).prev_sample
+    assert x.dtype == np.float32
+    assert np.max(np.abs(x - y.numpy())) / np.max(np.abs(y.numpy())) < 1e-4
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample", "flow"])

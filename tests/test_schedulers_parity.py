@@ -1,14 +1,16 @@
 """Whole trajectories of the NumPy samplers against diffusers' schedulers, fed the same model and the same noise.
 
-diffusers builds its tables in float32, which alone moves alpha_bar by up to 1.3e-5 relative (measured, cosine
-schedule); so its step logic runs here on the float64 table that its own construction gives in float64
-(`diffusers_table_float64`, a three-line transcription), on float64 samples. The tables themselves are compared
-with diffusers' float32 ones in test_schedulers.py.
+diffusers builds its tables in float32 (alone a 1.3e-5 relative change of alpha_bar, cosine schedule) and casts
+the sample to float32 inside some steps. To compare the algorithms rather than float32 rounding, the fixture
+`diffusers_in_float64` makes each diffusers scheduler module see float64 wherever it names float32, so that
+diffusers' own code builds its tables and runs its steps in float64. The float32 tables themselves are compared
+with ours in test_schedulers.py.
 """
 
 from __future__ import annotations
 
 import math
+import types
 
 import numpy as np
 import pytest
@@ -16,10 +18,36 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
+from diffusers.schedulers import (
+    scheduling_ddim,
+    scheduling_ddpm,
+    scheduling_dpmsolver_multistep,
+    scheduling_flow_match_euler_discrete,
+)
+
 from medsr.engine.schedulers import SchedulerConfig, make_scheduler
+from medsr.errors import InputError
+
+# diffusers' DPM-Solver calls np.array on a tensor the NumPy 2 way it warns about
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 SHAPE = (2, 3, 5, 4)
 RTOL = 1e-6
+
+
+@pytest.fixture(autouse=True)
+def diffusers_in_float64(monkeypatch):
+    """Within diffusers' scheduler modules, torch.float32 and np.float32 mean float64."""
+    for module in (
+        scheduling_ddim,
+        scheduling_ddpm,
+        scheduling_dpmsolver_multistep,
+        scheduling_flow_match_euler_discrete,
+    ):
+        for name, lib, wide in (("torch", torch, torch.float64), ("np", np, np.float64)):
+            proxy = types.SimpleNamespace(**{k: getattr(lib, k) for k in dir(lib) if not k.startswith("__")})
+            proxy.float32 = wide
+            monkeypatch.setattr(module, name, proxy)
 
 
 def fake_model(x: np.ndarray, t: float) -> np.ndarray:
@@ -27,69 +55,64 @@ def fake_model(x: np.ndarray, t: float) -> np.ndarray:
     return 0.6 * x * math.cos(float(t) / 170.0) + 0.4 * np.sin(1.3 * x + float(t) / 90.0)
 
 
-def diffusers_table_float64(config: SchedulerConfig) -> torch.Tensor:
-    """alpha_bar as diffusers' __init__ builds it, in float64 instead of float32."""
-    T = config.num_train_timesteps
-    if config.beta_schedule == "linear":
-        betas = torch.linspace(config.beta_start, config.beta_end, T, dtype=torch.float64)
-    elif config.beta_schedule == "scaled_linear":
-        betas = torch.linspace(config.beta_start**0.5, config.beta_end**0.5, T, dtype=torch.float64) ** 2
-    else:  # squaredcos_cap_v2: diffusers' betas_for_alpha_bar without the final float32 cast
-        f = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
-        betas = torch.tensor([min(1 - f((i + 1) / T) / f(i / T), 0.999) for i in range(T)], dtype=torch.float64)
-    return torch.cumprod(1.0 - betas, dim=0)
-
-
 def rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
     """max |ours - ref| / max |ref|."""
     return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
 
 
-def run_pair(config: SchedulerConfig, theirs, steps: int, seed: int = 0, noise_kw=None) -> float:
+def run_pair(config, theirs, steps, seed=0, noise_kw=None, their_x0=None) -> float:
     """Run both samplers over a whole trajectory; return the largest relative error of x_prev and x0 over it.
 
-    ``noise_kw(noise_tensor)`` gives the keyword arguments that pass the same noise to diffusers' step.
+    ``noise_kw(noise)`` gives the keyword arguments that pass the same noise to diffusers' step;
+    ``their_x0(theirs, output)`` gives diffusers' x0 where its step output lacks one.
     """
     ours = make_scheduler(config)
     ours.set_timesteps(steps)
     theirs.set_timesteps(steps)
-    np.testing.assert_array_equal(ours.timesteps, theirs.timesteps.numpy())
+    np.testing.assert_allclose(ours.timesteps, theirs.timesteps.numpy(), rtol=1e-12)
+    assert ours.timesteps.dtype == (np.float64 if theirs.timesteps.is_floating_point() else np.int64)
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(SHAPE) * config.init_noise_sigma
     y = torch.from_numpy(x.copy())
     worst = 0.0
     for t_ours, t_theirs in zip(ours.timesteps, theirs.timesteps):
         noise = rng.standard_normal(SHAPE) if ours.stochastic else None
-        kw = noise_kw(torch.from_numpy(noise)) if noise_kw and noise is not None else {}
+        kw = noise_kw(torch.from_numpy(noise)) if noise is not None else {}
         a = ours.step(fake_model(x, t_ours), t_ours, x, noise)
         b = theirs.step(torch.from_numpy(fake_model(y.numpy(), t_theirs)), t_theirs, y, **kw)
+        assert b.prev_sample.dtype == torch.float64
         worst = max(worst, rel_err(a.prev_sample, b.prev_sample.numpy()))
-        if b.pred_original_sample is not None:
-            worst = max(worst, rel_err(a.pred_original_sample, b.pred_original_sample.numpy()))
+        x0 = their_x0(theirs, b) if their_x0 else getattr(b, "pred_original_sample", None)
+        if x0 is not None:
+            worst = max(worst, rel_err(a.pred_original_sample, x0.numpy()))
         x, y = a.prev_sample, b.prev_sample
-    assert np.all(np.isfinite(x))
+    assert np.all(np.isfinite(x)) and not np.allclose(x, 0)
     return worst
+
+
+def vp_kwargs(config: SchedulerConfig) -> dict:
+    """The diffusers arguments every variance-preserving scheduler shares with our config."""
+    return {
+        "num_train_timesteps": config.num_train_timesteps,
+        "beta_start": config.beta_start,
+        "beta_end": config.beta_end,
+        "beta_schedule": config.beta_schedule,
+        "prediction_type": config.prediction_type,
+        "timestep_spacing": config.timestep_spacing,
+        "steps_offset": config.steps_offset,
+    }
 
 
 # ---------------------------------------------------------------- DDIM
 
 
 def diffusers_ddim(config: SchedulerConfig):
-    s = diffusers.DDIMScheduler(
-        num_train_timesteps=config.num_train_timesteps,
-        beta_start=config.beta_start,
-        beta_end=config.beta_end,
-        beta_schedule=config.beta_schedule,
+    return diffusers.DDIMScheduler(
         clip_sample=config.clip_sample,
-        set_alpha_to_one=config.set_alpha_to_one,
-        steps_offset=config.steps_offset,
-        prediction_type=config.prediction_type,
-        timestep_spacing=config.timestep_spacing,
         clip_sample_range=config.clip_sample_range,
+        set_alpha_to_one=config.set_alpha_to_one,
+        **vp_kwargs(config),
     )
-    s.alphas_cumprod = diffusers_table_float64(config)
-    s.final_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64) if config.set_alpha_to_one else s.alphas_cumprod[0]
-    return s
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
@@ -97,8 +120,7 @@ def diffusers_ddim(config: SchedulerConfig):
 @pytest.mark.parametrize("eta", [0.0, 0.8])
 def test_ddim_matches_diffusers(prediction_type, spacing, eta):
     config = SchedulerConfig(algorithm="ddim", prediction_type=prediction_type, timestep_spacing=spacing, eta=eta)
-    theirs = diffusers_ddim(config)
-    err = run_pair(config, theirs, 10, noise_kw=lambda n: {"eta": eta, "variance_noise": n})
+    err = run_pair(config, diffusers_ddim(config), 10, noise_kw=lambda n: {"eta": eta, "variance_noise": n})
     assert err <= RTOL, err
 
 
@@ -113,33 +135,121 @@ def test_ddim_matches_diffusers(prediction_type, spacing, eta):
             "steps_offset": 1,
             "set_alpha_to_one": False,
         },
-        # cosine (capped) betas, clipping of x0 to [-0.5, 0.5], a step count that does not divide T
+        # capped cosine betas, x0 clipped to [-0.5, 0.5]
         {
             "beta_schedule": "squaredcos_cap_v2",
             "clip_sample": True,
             "clip_sample_range": 0.5,
             "prediction_type": "sample",
         },
-        # trailing spacing with a step count that does not divide T, v prediction (zero-SNR style sampling)
+        # a shorter training table, trailing spacing, v prediction
         {"timestep_spacing": "trailing", "prediction_type": "v_prediction", "num_train_timesteps": 500},
     ],
 )
 def test_ddim_matches_diffusers_other_configs(overrides):
     config = SchedulerConfig(algorithm="ddim", **overrides)
-    err = run_pair(config, diffusers_ddim(config), 7)
+    err = run_pair(config, diffusers_ddim(config), 7)  # 7 does not divide T
     assert err <= RTOL, err
 
 
-def test_ddim_float32_in_float32_out_close_to_diffusers_float32():
-    """float32 in gives float32 out, within float32 table rounding of diffusers' own float32 run."""
-    config = SchedulerConfig(algorithm="ddim", timestep_spacing="trailing")
-    ours, theirs = make_scheduler(config), diffusers.DDIMScheduler(timestep_spacing="trailing", clip_sample=False)
-    ours.set_timesteps(20)
-    theirs.set_timesteps(20)
-    x = np.random.default_rng(1).standard_normal(SHAPE).astype(np.float32)
-    y = torch.from_numpy(x.copy())
-    for t in ours.timesteps:
-        x = ours.step(fake_model(x, t).astype(np.float32), t, x).prev_sample
-        y = theirs.step(torch.from_numpy(fake_model(y.numpy(), t).astype(np.float32)), int(t), y).prev_sample
-        assert x.dtype == np.float32
-    assert rel_err(x, y.numpy()) < 1e-4
+# ---------------------------------------------------------------- DDPM
+
+
+@pytest.fixture
+def ddpm_noise(monkeypatch):
+    """Makes diffusers' DDPMScheduler.step draw the noise given to `noise_kw` (its step takes no noise)."""
+    queue = []
+    monkeypatch.setattr(scheduling_ddpm, "randn_tensor", lambda *a, **k: queue.pop())
+
+    def noise_kw(noise):
+        queue.append(noise)
+        return {}
+
+    return noise_kw
+
+
+def diffusers_ddpm(config: SchedulerConfig):
+    return diffusers.DDPMScheduler(
+        variance_type="fixed_small",
+        clip_sample=config.clip_sample,
+        clip_sample_range=config.clip_sample_range,
+        **vp_kwargs(config),
+    )
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+def test_ddpm_matches_diffusers(prediction_type, spacing, ddpm_noise):
+    config = SchedulerConfig(algorithm="ddpm", prediction_type=prediction_type, timestep_spacing=spacing)
+    err = run_pair(config, diffusers_ddpm(config), 10, noise_kw=ddpm_noise)
+    assert err <= RTOL, err
+
+
+def test_ddpm_matches_diffusers_cosine_clipped_offset(ddpm_noise):
+    config = SchedulerConfig(
+        algorithm="ddpm", beta_schedule="squaredcos_cap_v2", clip_sample=True, steps_offset=1, prediction_type="sample"
+    )
+    err = run_pair(config, diffusers_ddpm(config), 13, noise_kw=ddpm_noise)
+    assert err <= RTOL, err
+
+
+# ---------------------------------------------------------------- DPM-Solver++ 2M
+
+
+def diffusers_dpm(config: SchedulerConfig):
+    return diffusers.DPMSolverMultistepScheduler(
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        solver_type="midpoint",
+        lower_order_final=True,
+        **vp_kwargs(config),
+    )
+
+
+def dpm_x0(theirs, out):
+    """diffusers keeps the converted model output (x0) of the last step in model_outputs."""
+    return theirs.model_outputs[-1]
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("steps", [10, 20])
+def test_dpmsolver_matches_diffusers(prediction_type, spacing, steps):
+    config = SchedulerConfig(algorithm="dpmsolver++", prediction_type=prediction_type, timestep_spacing=spacing)
+    err = run_pair(config, diffusers_dpm(config), steps, their_x0=dpm_x0)
+    assert err <= RTOL, err
+
+
+def test_dpmsolver_matches_diffusers_scaled_linear_offset():
+    config = SchedulerConfig(
+        algorithm="dpmsolver++", beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1
+    )
+    err = run_pair(config, diffusers_dpm(config), 25, their_x0=dpm_x0)
+    assert err <= RTOL, err
+
+
+def test_dpmsolver_refuses_out_of_order_timesteps():
+    scheduler = make_scheduler(SchedulerConfig(algorithm="dpmsolver++"))
+    scheduler.set_timesteps(5)
+    x = np.ones(SHAPE)
+    with pytest.raises(InputError, match="multistep"):
+        scheduler.step(x, scheduler.timesteps[1], x)
+
+
+# ---------------------------------------------------------------- flow-matching Euler
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+@pytest.mark.parametrize("steps", [4, 16])
+def test_flow_euler_matches_diffusers(shift, steps):
+    config = SchedulerConfig(algorithm="flow_euler", prediction_type="flow", flow_shift=shift)
+    err = run_pair(config, diffusers.FlowMatchEulerDiscreteScheduler(shift=shift), steps)
+    assert err <= RTOL, err
+
+
+def test_flow_euler_refuses_a_skipped_timestep():
+    scheduler = make_scheduler(SchedulerConfig(algorithm="flow_euler", prediction_type="flow"))
+    scheduler.set_timesteps(4)
+    x = np.ones(SHAPE)
+    with pytest.raises(InputError, match="expects timestep"):
+        scheduler.step(x, scheduler.timesteps[2], x)

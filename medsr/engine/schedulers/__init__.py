@@ -16,9 +16,17 @@ from __future__ import annotations
 from .common import add_noise, alphas_cumprod, predict_x0_eps, training_target
 from .config import SchedulerConfig, StepOutput
 from .ddim import DDIMScheduler
+from .ddpm import DDPMScheduler
+from .dpmsolver import DPMSolverPlusPlus2MScheduler
+from .flow_euler import FlowEulerScheduler
+from .latentsr import LatentSRScheduler
 
 _SCHEDULERS = {
     "ddim": DDIMScheduler,
+    "ddpm": DDPMScheduler,
+    "dpmsolver++": DPMSolverPlusPlus2MScheduler,
+    "flow_euler": FlowEulerScheduler,
+    "latentsr": LatentSRScheduler,
 }
 
 
@@ -29,6 +37,10 @@ def make_scheduler(config: SchedulerConfig):
 
 __all__ = [
     "DDIMScheduler",
+    "DDPMScheduler",
+    "DPMSolverPlusPlus2MScheduler",
+    "FlowEulerScheduler",
+    "LatentSRScheduler",
     "SchedulerConfig",
     "StepOutput",
     "add_noise",

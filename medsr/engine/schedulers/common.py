@@ -147,10 +147,22 @@ def spaced_timesteps(config: SchedulerConfig, num_inference_steps: int) -> np.nd
     """
     T, n = config.num_train_timesteps, num_inference_steps
     if config.timestep_spacing == "linspace":
-        return np.linspace(0, T - 1, n).round()[::-1].astype(np.int64)
-    if config.timestep_spacing == "leading":
-        return (np.arange(n) * (T // n))[::-1].astype(np.int64) + config.steps_offset
-    return np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1
+        k = np.linspace(0, T - 1, n).round()[::-1].astype(np.int64)
+    elif config.timestep_spacing == "leading":
+        k = (np.arange(n) * (T // n))[::-1].astype(np.int64) + config.steps_offset
+    else:
+        k = np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1
+    check_in_table(k, config)
+    return k
+
+
+def check_in_table(k: np.ndarray, config: SchedulerConfig) -> None:
+    """Refuse spaced timesteps that ``steps_offset`` pushed past the end of the table."""
+    if k.max() >= config.num_train_timesteps:
+        raise InputError(
+            f"steps_offset {config.steps_offset} pushes timestep {k.max()} past the table "
+            f"(num_train_timesteps {config.num_train_timesteps}); use fewer steps or a smaller offset"
+        )
 
 
 def check_steps(num_inference_steps: int, config: SchedulerConfig) -> None:

@@ -1,0 +1,108 @@
+"""DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095), as diffusers' DPMSolverMultistepScheduler runs it with
+algorithm_type "dpmsolver++", solver_order 2, solver_type "midpoint", lower_order_final and final sigma 0."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from medsr.errors import InputError
+
+from .common import alphas_cumprod, check_in_table, check_steps, not_ready, predict_x0_eps, table_index
+from .config import SchedulerConfig, StepOutput
+
+
+class DPMSolverPlusPlus2MScheduler:
+    """Multistep second-order solver of the diffusion ODE in the data-prediction (x0) form.
+
+    With alpha_s = sqrt(alpha_bar), sigma_s = sqrt(1 - alpha_bar), lambda = log(alpha / sigma) and
+    h = lambda_t - lambda_s0 from the current time s0 to the next time t (Lu et al. 2022, Algorithm 2):
+
+        first order (step 0 and the last step, DDIM-equivalent):
+            x_t = (sigma_t / sigma_s0) x - alpha_t (exp(-h) - 1) D0
+        second order (midpoint), r0 = h_0 / h with h_0 = lambda_s0 - lambda_s1 of the previous step:
+            x_t = (sigma_t / sigma_s0) x - alpha_t (exp(-h) - 1) (D0 + D1 / 2),  D1 = (D0 - D_prev) / r0
+
+    D0 is this step's x0 (from `predict_x0_eps`). After the last step sigma = 0, so x_t = x0.
+
+    Attributes:
+        config: the `SchedulerConfig`.
+        alphas_cumprod ((T,) float64): the training table alpha_bar.
+        timesteps ((n,) int64): after `set_timesteps`, the model's timestep at each step, noisiest first.
+        init_noise_sigma (float): scale of the initial Gaussian.
+        stochastic (bool): always False.
+    """
+
+    stochastic = False
+
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        self.alphas_cumprod = alphas_cumprod(config)
+        self.init_noise_sigma = config.init_noise_sigma
+        self.timesteps = np.empty(0, np.int64)
+        self._alpha: np.ndarray | None = None
+        self._sigma: np.ndarray | None = None
+        self._step_index = 0
+        self._x0_prev: np.ndarray | None = None
+
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        """Choose the n timesteps and forget the solver's history.
+
+        Spacing as DPMSolverMultistepScheduler defines it (n + 1 points, the last dropped): ``"linspace"``:
+        round(linspace(0, T - 1, n + 1)) reversed; ``"leading"``: (0, r, ..., n r) reversed plus
+        ``steps_offset``, r = T // (n + 1); ``"trailing"``: round(T, T - T/n, ...) - 1.
+        """
+        check_steps(num_inference_steps, self.config)
+        cfg, T, n = self.config, self.config.num_train_timesteps, int(num_inference_steps)
+        if cfg.timestep_spacing == "linspace":
+            k = np.linspace(0, T - 1, n + 1).round()[::-1][:-1].astype(np.int64)
+        elif cfg.timestep_spacing == "leading":
+            k = (np.arange(n + 1) * (T // (n + 1)))[::-1][:-1].astype(np.int64) + cfg.steps_offset
+        else:
+            k = np.arange(T, 0, -T / n).round().astype(np.int64) - 1
+        check_in_table(k, cfg)
+        a = self.alphas_cumprod[k]
+        self._alpha = np.append(np.sqrt(a), 1.0)
+        self._sigma = np.append(np.sqrt(1 - a), 0.0)
+        self.timesteps = np.array([table_index(int(i), cfg) for i in k], np.int64)
+        self._step_index = 0
+        self._x0_prev = None
+
+    def step(self, model_output: np.ndarray, t: int, sample: np.ndarray, noise: np.ndarray | None = None) -> StepOutput:
+        """One solver step; call it with the entries of `timesteps` in order (the solver keeps the previous x0).
+
+        Args:
+            model_output : (B, C, h, w) array, the denoiser's output at (sample, t).
+            t : int, the timestep the denoiser received: must be ``timesteps[i]`` at the i-th call.
+            sample : (B, C, h, w) array, x_t.
+            noise : ignored (the solver is deterministic).
+
+        Returns:
+            `StepOutput` in the dtype of ``sample``.
+        """
+        if self._alpha is None:
+            raise not_ready("DPMSolverPlusPlus2MScheduler")
+        i = self._step_index
+        if i >= len(self.timesteps) or t != self.timesteps[i]:
+            expected = self.timesteps[i] if i < len(self.timesteps) else "none (all steps done)"
+            raise InputError(
+                f"DPMSolverPlusPlus2MScheduler is multistep: step {i} expects timestep {expected}, got {t}; "
+                "call set_timesteps again to restart"
+            )
+        alpha_s0, sigma_s0, alpha_t, sigma_t = self._alpha[i], self._sigma[i], self._alpha[i + 1], self._sigma[i + 1]
+        x = np.asarray(sample, np.float64)
+        D0, _ = predict_x0_eps(np.asarray(model_output, np.float64), x, alpha_s0, sigma_s0, self.config.prediction_type)
+        if sigma_t == 0.0:
+            x_t = D0
+        else:
+            lambda_s0, lambda_t = np.log(alpha_s0 / sigma_s0), np.log(alpha_t / sigma_t)
+            h = lambda_t - lambda_s0
+            if self._x0_prev is None or i == len(self.timesteps) - 1:
+                x_t = (sigma_t / sigma_s0) * x - alpha_t * np.expm1(-h) * D0
+            else:
+                h_0 = lambda_s0 - np.log(self._alpha[i - 1] / self._sigma[i - 1])
+                D1 = (D0 - self._x0_prev) / (h_0 / h)
+                x_t = (sigma_t / sigma_s0) * x - alpha_t * np.expm1(-h) * D0 - 0.5 * alpha_t * np.expm1(-h) * D1
+        self._x0_prev = D0
+        self._step_index += 1
+        dtype = np.asarray(sample).dtype
+        return StepOutput(prev_sample=x_t.astype(dtype), pred_original_sample=D0.astype(dtype))
