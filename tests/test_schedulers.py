@@ -278,3 +278,32 @@ def test_add_noise_refuses_timesteps_outside_the_table():
         add_noise(x, x, np.array([3, 1000]), SchedulerConfig())
     with pytest.raises(InputError, match="integers"):
         add_noise(x, x, 0.5, SchedulerConfig())
+
+
+@pytest.mark.parametrize("algorithm", ["ddim", "ddpm", "dpmsolver++"])
+def test_reversed_table_feeds_reversed_timesteps_and_samples_the_same(algorithm):
+    """A model trained on the paper's reversed indexing sampled by a respaced sampler: timesteps T - 1 - k, and
+    the same trajectory as the forward-indexed model."""
+    forward = SchedulerConfig(algorithm=algorithm, beta_schedule="cosine", prediction_type="sample")
+    backward = SchedulerConfig(
+        algorithm=algorithm, beta_schedule="cosine", prediction_type="sample", reversed_table=True
+    )
+    results = []
+    for config, to_forward in ((forward, lambda t: t), (backward, lambda t: 999 - t)):
+        scheduler = make_scheduler(config)
+        scheduler.set_timesteps(6)
+        results.append(scheduler.timesteps)
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal(SHAPE)
+        for t in scheduler.timesteps:
+            noise = rng.standard_normal(SHAPE) if scheduler.stochastic else None
+            x = scheduler.step(np.tanh(x) * np.cos(to_forward(int(t)) / 300), t, x, noise).prev_sample
+        results.append(x)
+    np.testing.assert_array_equal(results[2], 999 - results[0])
+    np.testing.assert_array_equal(results[3], results[1])
+
+
+def test_steps_offset_past_the_table_is_refused():
+    scheduler = make_scheduler(SchedulerConfig(steps_offset=5))
+    with pytest.raises(InputError, match="steps_offset"):
+        scheduler.set_timesteps(1000)
