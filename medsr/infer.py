@@ -32,6 +32,7 @@ class VolumeResult:
     slices: int
     window: IntensityWindow
     clipped_fraction: float
+    residuals: np.ndarray
 
 
 def super_resolve_volume(
@@ -44,6 +45,8 @@ def super_resolve_volume(
 ) -> VolumeResult:
     """Super-resolve every slice of ``data`` (X, Y, Z) or (X, Y, Z, T) along spatial ``axis``.
 
+    ``residuals`` of the result: the consistency residual of each slice, frames in order.
+
     The intensity window is fitted on the whole volume (all frames), so every slice shares one mapping.
     Slice i of frame k is seeded with index k * n_slices + i, so each output voxel is reproducible on its own.
     """
@@ -52,13 +55,14 @@ def super_resolve_volume(
     frames = data[..., None] if data.ndim == 3 else data
     window = fit_window(frames, *_percentiles(pipeline))
     scale = pipeline.bundle.scale
-    outputs, clipped = [], []
+    outputs, clipped, residuals = [], [], []
     for frame_index in range(frames.shape[3]):
         stack = np.moveaxis(frames[..., frame_index], axis, 0)
         normalized, fraction = normalize(stack, window)
         clipped.append(fraction)
-        sr = pipeline.super_resolve(normalized, options, progress=progress, first_index=frame_index * stack.shape[0])
-        outputs.append(np.moveaxis(denormalize(sr, window), 0, axis))
+        result = pipeline.super_resolve(normalized, options, progress=progress, first_index=frame_index * stack.shape[0])
+        outputs.append(np.moveaxis(denormalize(result.images, window), 0, axis))
+        residuals.append(result.residuals)
     sr_data = np.stack(outputs, axis=-1) if data.ndim == 4 else outputs[0]
     factors = [scale, scale, scale]
     factors[axis] = 1
@@ -69,6 +73,7 @@ def super_resolve_volume(
         slices=frames.shape[axis] * frames.shape[3],
         window=window,
         clipped_fraction=float(np.mean(clipped)),
+        residuals=np.concatenate(residuals),
     )
 
 

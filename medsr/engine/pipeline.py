@@ -16,23 +16,42 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from medsr.degrade import backproject, consistency_residual, degradation_from_dict, kspace_consistency
 from medsr.engine.bundle import Bundle
 from medsr.engine.schedulers import SchedulerConfig, make_scheduler
 from medsr.engine.sessions import Session
-from medsr.errors import NonFiniteError, ShapeError
+from medsr.errors import InputError, NonFiniteError, ShapeError
 
 # trace(stage, slice_indices, array): called with each intermediate stage of each batch, for the parity harness.
 Trace = Callable[[str, Sequence[int], np.ndarray], None]
 
 
+CONSISTENCY_MODES = ("none", "kspace", "backproject")
+
+
 @dataclass(frozen=True)
 class SamplingOptions:
-    """How to sample: ``steps`` None means the bundle's default; ``lr_latent`` None means the bundle's choice."""
+    """How to sample. None means the bundle's choice: its default steps, its LR-latent mode, its consistency.
+
+    ``consistency``: after decoding, make the SR slice agree with the measured LR slice (medsr.degrade):
+    ``"kspace"`` replaces the SR's central k-space block by the LR's; ``"backproject"`` iterates back-projection
+    through the bundle's degradation operator; ``"none"`` leaves the decoder output as it is.
+    """
 
     steps: int | None = None
     seed: int = 0
     batch_size: int = 4
     lr_latent: str | None = None
+    consistency: str | None = None
+
+
+@dataclass(frozen=True)
+class SRResult:
+    """SR slices (N, s*h, s*w) float32 in the model range, and the consistency residual ||A(SR) - LR|| / ||LR|| of
+    each slice (N,) under the bundle's degradation operator (k-space truncation when the bundle names none)."""
+
+    images: np.ndarray
+    residuals: np.ndarray
 
 
 def pad_to_multiple(images: np.ndarray, multiple: int) -> np.ndarray:
@@ -68,6 +87,8 @@ class LatentSRPipeline:
         vae = bundle.manifest["vae"]
         self.scaling_factor = float(vae["scaling_factor"])
         self.shift_factor = float(vae["shift_factor"])
+        degradation = bundle.manifest["task"].get("degradation") or {"name": "kspace", "scale": bundle.scale}
+        self.degradation = degradation_from_dict(degradation)
 
     def super_resolve(
         self,
@@ -76,7 +97,7 @@ class LatentSRPipeline:
         progress: Callable[[int], None] | None = None,
         trace: Trace | None = None,
         first_index: int = 0,
-    ) -> np.ndarray:
+    ) -> SRResult:
         """Super-resolve (N, h, w) LR slices in [-1, 1] to (N, s*h, s*w) float32.
 
         ``progress(n)`` is called after each batch with the number of slices it held. Slice i is seeded and traced
@@ -86,15 +107,28 @@ class LatentSRPipeline:
             raise ShapeError(f"expected LR slices shaped (N, H, W), got {lr.shape}")
         if options.batch_size < 1:
             raise ShapeError(f"batch size must be >= 1, got {options.batch_size}")
+        consistency = options.consistency or self.bundle.manifest["task"].get("consistency", "none")
+        if consistency not in CONSISTENCY_MODES:
+            raise InputError(f"consistency must be one of {', '.join(CONSISTENCY_MODES)}, got {consistency!r}")
         scale = self.bundle.scale
         out = np.empty((lr.shape[0], lr.shape[1] * scale, lr.shape[2] * scale), dtype=np.float32)
         for start in range(0, lr.shape[0], options.batch_size):
             stop = min(start + options.batch_size, lr.shape[0])
             indices = [first_index + i for i in range(start, stop)]
-            out[start:stop] = self._super_resolve_batch(lr[start:stop].astype(np.float32), indices, options, trace)
+            batch = lr[start:stop].astype(np.float32)
+            sr = self._super_resolve_batch(batch, indices, options, trace)
+            out[start:stop] = self.enforce_consistency(sr, batch, consistency)
             if progress is not None:
                 progress(len(indices))
-        return out
+        return SRResult(images=out, residuals=consistency_residual(out, lr.astype(np.float32), self.degradation))
+
+    def enforce_consistency(self, sr: np.ndarray, lr: np.ndarray, mode: str) -> np.ndarray:
+        """Data consistency of (B, s*h, s*w) SR slices with their (B, h, w) LR slices (see SamplingOptions)."""
+        if mode == "kspace":
+            return kspace_consistency(sr, lr, self.bundle.scale)
+        if mode == "backproject":
+            return backproject(sr, lr, self.degradation)
+        return sr
 
     def _super_resolve_batch(
         self, lr: np.ndarray, indices: list[int], options: SamplingOptions, trace: Trace | None

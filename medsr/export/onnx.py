@@ -21,6 +21,7 @@ import torch
 import medsr
 from medsr.engine.bundle import FORMAT_VERSION, sha256_file, write_manifest
 from medsr.engine.graphs import GRAPHS, GraphSpec
+from medsr.engine.schedulers import SchedulerConfig
 from medsr.errors import OutputError
 from medsr.export.models import graph_modules
 from medsr.export.presets import Preset
@@ -143,6 +144,7 @@ def build_manifest(preset: Preset, graphs: dict, validation: dict, provenance: d
             "lr_multiple": preset.lr_multiple,
             "intensity": {"range": [-1.0, 1.0], **preset.intensity},
             "degradation": preset.degradation,
+            "consistency": preset.consistency,
         },
         "vae": {
             "downsample_factor": preset.vae_factor,
@@ -155,7 +157,7 @@ def build_manifest(preset: Preset, graphs: dict, validation: dict, provenance: d
             "prediction_type": preset.scheduler["prediction_type"],
             "conditioning": "lr_latent_bilinear_concat",
         },
-        "scheduler": preset.scheduler,
+        "scheduler": SchedulerConfig(**preset.scheduler).to_dict(),
         "graphs": graphs,
         "provenance": provenance,
         "validation": validation,

@@ -29,6 +29,7 @@ class Preset:
         lr_latent: "mean" (deterministic) or "sample" (the paper's ``posterior.sample()``, seeded).
         intensity: normalization of input intensities to [-1, 1] (robust percentiles of the volume).
         degradation: the operator that made LR from HR in training (medsr.degrade), or None when unknown.
+        consistency: the engine's default data-consistency mode ("none", "kspace", "backproject").
     """
 
     name: str
@@ -43,6 +44,7 @@ class Preset:
     lr_latent: str = "mean"
     intensity: dict = field(default_factory=lambda: {"method": "percentile", "low": 0.5, "high": 99.5})
     degradation: dict | None = None
+    consistency: str = "none"
 
     @property
     def vae_factor(self) -> int:
