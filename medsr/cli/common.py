@@ -12,7 +12,7 @@ import click
 from medsr.errors import MedsrError
 
 
-def _raise_on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
+def _raise_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)
 
 

@@ -15,7 +15,6 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import medsr
@@ -23,6 +22,7 @@ from medsr.engine.bundle import FORMAT_VERSION, sha256_file, write_manifest
 from medsr.engine.graphs import GRAPHS, GraphSpec
 from medsr.engine.schedulers import SchedulerConfig
 from medsr.errors import OutputError
+from medsr.eval.parity import compare_arrays
 from medsr.export.models import graph_modules
 from medsr.export.presets import Preset
 
@@ -85,19 +85,6 @@ def export_graph(module: torch.nn.Module, spec: GraphSpec, inputs: dict[str, tor
         )
     onnx.checker.check_model(str(path))
     onnx.save(onnx.shape_inference.infer_shapes(onnx.load(str(path))), str(path))
-
-
-def compare_arrays(actual: np.ndarray, expected: np.ndarray) -> dict:
-    """Max abs error, relative L2 error and PSNR (dB, peak = the expected array's range) of two arrays."""
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    diff = actual - expected
-    mse = float(np.mean(diff**2))
-    peak = float(expected.max() - expected.min()) or 1.0
-    return {
-        "max_abs": float(np.max(np.abs(diff))),
-        "rel_l2": float(np.linalg.norm(diff) / (np.linalg.norm(expected) or 1.0)),
-        "psnr_db": float("inf") if mse == 0 else float(10 * np.log10(peak**2 / mse)),
-    }
 
 
 def validate_graph(module: torch.nn.Module, spec: GraphSpec, path: Path, inputs: dict[str, torch.Tensor]) -> dict:

@@ -1,0 +1,29 @@
+"""Shared fixtures: one tiny exported bundle per test session, and the real volumes that ship with packages."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory) -> Path:
+    """A bundle of the ``tiny`` preset with random weights (seed 0), exported once per session (~7 s)."""
+    pytest.importorskip("torch")
+    from medsr.export.builder import build_models
+    from medsr.export.onnx import export_bundle
+    from medsr.export.presets import get_preset
+
+    preset = get_preset("tiny")
+    vae, unet, provenance = build_models(preset, seed=0)
+    return export_bundle(vae, unet, preset, tmp_path_factory.mktemp("bundles") / "tiny", provenance)
+
+
+@pytest.fixture(scope="session")
+def example4d_path() -> Path:
+    """nibabel's real EPI volume: 128x96x24x2, 2 x 2 x 2.2 mm, int16 with an oblique affine (MIT licence)."""
+    from nibabel.testing import data_path
+
+    return Path(data_path) / "example4d.nii.gz"

@@ -1,0 +1,42 @@
+"""The engine path never imports torch or diffusers, and --help stays light (DESIGN.md, rules of the house)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+ENGINE_MODULES = [
+    "medsr.engine.bundle",
+    "medsr.engine.pipeline",
+    "medsr.engine.sessions",
+    "medsr.engine.schedulers",
+    "medsr.degrade",
+    "medsr.io.nifti",
+    "medsr.infer",
+    "medsr.eval.parity",
+    "medsr.cli.infer",
+]
+
+
+@pytest.mark.parametrize("module", ENGINE_MODULES)
+def test_engine_module_imports_with_torch_blocked(module):
+    code = f"import sys; sys.modules['torch'] = None; sys.modules['diffusers'] = None; import {module}"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+
+
+def test_infer_help_loads_no_heavy_module():
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from medsr.cli.infer import infer\n"
+        "result = CliRunner().invoke(infer, ['--help'])\n"
+        "assert result.exit_code == 0, result.output\n"
+        "heavy = sorted(m for m in ('torch', 'diffusers', 'onnxruntime', 'nibabel', 'onnx') if m in sys.modules)\n"
+        "print(','.join(heavy))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == ""
