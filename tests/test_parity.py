@@ -7,11 +7,11 @@ import pytest
 
 pytest.importorskip("torch")
 
-from medsr.engine.bundle import load_bundle  # noqa: E402
-from medsr.engine.pipeline import LatentSRPipeline, SamplingOptions  # noqa: E402
-from medsr.engine.sessions import open_ort_sessions  # noqa: E402
-from medsr.eval.parity import compare_arrays, compare_pipelines  # noqa: E402
-from medsr.export.reference import open_torch_sessions  # noqa: E402
+from medsr.engine.bundle import load_bundle
+from medsr.engine.pipeline import LatentSRPipeline, SamplingOptions
+from medsr.engine.sessions import open_ort_sessions
+from medsr.eval.parity import compare_arrays, compare_pipelines
+from medsr.export.reference import open_torch_sessions
 
 
 def test_ort_matches_torch_reference_at_every_stage(tiny_bundle):

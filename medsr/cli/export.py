@@ -10,22 +10,32 @@ from medsr.cli.common import medsr_errors, run_command
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--preset", "preset_name", required=True, help="Model configuration (see medsr.export.presets).")
 @click.option("--weights", type=click.Path(dir_okay=False), help="safetensors file with vae.* and unet.* weights.")
-@click.option("--random-init", is_flag=True, help="Export random weights (for tests and benchmarks); recorded.")
+@click.option("--vae-weights", type=click.Path(), help="The preset's published VAE (MedVAE .ckpt, SD-VAE folder/file).")
+@click.option("--unet-weights", type=click.Path(dir_okay=False), help="A latent-sr denoiser .ckpt.")
+@click.option(
+    "--random-init", is_flag=True, help="Random weights for whatever no file gives (tests, benchmarks); recorded."
+)
 @click.option("--seed", default=0, show_default=True, help="Seed of --random-init.")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Bundle directory to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle directory.")
 @medsr_errors
-def export(preset_name, weights, random_init, seed, output, overwrite):
+def export(preset_name, weights, vae_weights, unet_weights, random_init, seed, output, overwrite):
     """Export the VAE encoder, VAE decoder and denoiser of a model as a validated ONNX bundle."""
     from medsr.errors import InputError
     from medsr.export.builder import build_models
     from medsr.export.onnx import export_bundle
     from medsr.export.presets import get_preset
 
-    if bool(weights) == random_init:
-        raise InputError("give exactly one of --weights FILE or --random-init")
+    complete = bool(weights) or bool(vae_weights and unet_weights)
+    if complete == random_init:
+        raise InputError(
+            "give exactly one of --weights FILE, --vae-weights with --unet-weights, or --random-init "
+            "(which may complete one of --vae-weights/--unet-weights)"
+        )
     preset = get_preset(preset_name)
-    vae, unet, provenance = build_models(preset, weights=weights, seed=seed)
+    vae, unet, provenance = build_models(
+        preset, weights=weights, vae_weights=vae_weights, unet_weights=unet_weights, seed=seed
+    )
     path = export_bundle(vae, unet, preset, output, provenance, overwrite=overwrite)
     click.echo(f"wrote bundle {path} (preset {preset.name}, weights: {provenance['weights']['source']})")
 

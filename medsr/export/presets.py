@@ -30,6 +30,8 @@ class Preset:
         intensity: normalization of input intensities to [-1, 1] (robust percentiles of the volume).
         degradation: the operator that made LR from HR in training (medsr.degrade), or None when unknown.
         consistency: the engine's default data-consistency mode ("none", "kspace", "backproject").
+        vae_checkpoint: which published VAE ``--vae-weights`` holds: a medsr.export.checkpoints.MEDVAE_MODELS name,
+            "sd-vae", or None (medsr's own safetensors via ``--weights``).
     """
 
     name: str
@@ -45,6 +47,7 @@ class Preset:
     intensity: dict = field(default_factory=lambda: {"method": "percentile", "low": 0.5, "high": 99.5})
     degradation: dict | None = None
     consistency: str = "none"
+    vae_checkpoint: str | None = None
 
     @property
     def vae_factor(self) -> int:
@@ -118,7 +121,61 @@ def _tiny_attention() -> Preset:
     return replace(tiny, name="tiny-attention", description=description, vae=vae, unet=unet)
 
 
-PRESETS: dict[str, Preset] = {preset.name: preset for preset in (_tiny(), _tiny_attention())}
+def _default() -> Preset:
+    """The bundled default model (docs/default_model.md): x4 grayscale MRI, k-space LR, trained on CPU.
+
+    f=2 with 4 latent channels (4 numbers per 2x2 pixels) so the autoencoder is not the limit: REFERENCE.md
+    section 7 measured a 1M-parameter f=4 VAE reconstructing at only 24.1 dB, below zero-filling. No
+    self-attention anywhere (quadratic in latent H*W). An x0 model sampled by DDIM in 1 trailing step is in effect
+    a regressor conditioned on the LR latent; k-space data consistency is applied after decoding.
+    """
+    latent = 4
+    return Preset(
+        name="default",
+        description="Default model: x4 MRI (k-space LR), f=2 VAE (32,64), 4 latents, 3-level UNet (32,64,128), x0.",
+        scale=4,
+        image_channels=1,
+        vae={
+            "in_channels": 1,
+            "out_channels": 1,
+            "down_block_types": ("DownEncoderBlock2D",) * 2,
+            "up_block_types": ("UpDecoderBlock2D",) * 2,
+            "block_out_channels": (32, 64),
+            "layers_per_block": 1,
+            "latent_channels": latent,
+            "norm_num_groups": 16,
+            "mid_block_add_attention": False,
+        },
+        unet={
+            "in_channels": 2 * latent,
+            "out_channels": latent,
+            "block_out_channels": (32, 64, 128),
+            "down_block_types": ("DownBlock2D",) * 3,
+            "up_block_types": ("UpBlock2D",) * 3,
+            "add_attention": False,
+            "layers_per_block": 1,
+            "norm_num_groups": 16,
+        },
+        scheduler={
+            "algorithm": "ddim",
+            "num_train_timesteps": 1000,
+            "beta_schedule": "squaredcos_cap_v2",
+            "prediction_type": "sample",
+            "timestep_spacing": "trailing",
+            "default_steps": 1,
+        },
+        degradation={"name": "kspace", "scale": 4},
+        consistency="kspace",
+    )
+
+
+def _all_presets() -> tuple[Preset, ...]:
+    from medsr.export.paper_presets import paper_presets  # imports the checkpoint loaders, which need Preset
+
+    return (_tiny(), _tiny_attention(), _default(), *paper_presets())
+
+
+PRESETS: dict[str, Preset] = {preset.name: preset for preset in _all_presets()}
 
 
 def get_preset(name: str) -> Preset:
