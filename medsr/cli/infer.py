@@ -1,7 +1,9 @@
-"""``medsr-infer``: super-resolve a NIfTI volume with a model bundle, torch-free unless ``--engine torch``."""
+"""``medsr-infer``: super-resolve NIfTI, DICOM, PNG or TIFF images with a model bundle, torch-free unless
+``--engine torch``; one image, or a batch of files, directories and glob patterns into an output directory."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import click
@@ -9,18 +11,34 @@ import click
 from medsr.cli.common import medsr_errors, run_command
 from medsr.engine.pipeline import CONSISTENCY_MODES
 from medsr.engine.schedulers.config import ALGORITHMS
-
-
-def default_output(input_path: Path, scale: int) -> Path:
-    """``<stem>_sr<scale>x.nii.gz`` in the current directory (never next to the input, which may be read-only)."""
-    name = input_path.name
-    stem = name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else input_path.stem
-    return Path(f"{stem}_sr{scale}x.nii.gz")
+from medsr.io.dtypes import DTYPE_CHOICES
+from medsr.io.formats import OUTPUT_FORMATS
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), help="Output NIfTI file.")
+@click.argument("inputs", metavar="INPUT...", nargs=-1, required=True)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    help="Output file (one input; default <name>_sr<s>x in the current directory), or directory (a batch).",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(OUTPUT_FORMATS),
+    help="Output format (default: from -o's suffix, "
+    "else NIfTI for NIfTI/DICOM inputs and the input's format for PNG/TIFF).",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(DTYPE_CHOICES),
+    default="auto",
+    show_default=True,
+    help="Output pixel type: auto = float32, or the input's type where the format holds integers only "
+    "(PNG, DICOM); input = the input's stored type and scaling.",
+)
+@click.option("--series", help="DICOM series to read from a directory holding several (SeriesInstanceUID or number).")
 @click.option("--model", type=click.Path(path_type=Path), help="Model bundle directory (default: the bundled one).")
 @click.option("--engine", type=click.Choice(["ort", "torch", "trt"]), default="ort", show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
@@ -32,71 +50,163 @@ def default_output(input_path: Path, scale: int) -> Path:
     help="Data consistency with the LR input after decoding (default: the bundle's).",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial noise.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True, help="Slices per batch.")
-@click.option("--axis", type=click.IntRange(0, 2), help="Slice axis (default: the axis of largest spacing).")
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), default=4, show_default=True, help="Slices (or tiles) per batch."
+)
+@click.option(
+    "--axis", type=click.IntRange(0, 2), help="Slice axis (default: DICOM's slice axis, else the largest spacing)."
+)
 @click.option("--frame", type=click.IntRange(min=0), help="Only this frame of a 4D volume (default: every frame).")
+@click.option(
+    "--tile",
+    type=click.IntRange(min=0),
+    default=128,
+    show_default=True,
+    help="Slices with a side longer than this (LR pixels) run in overlapping tiles of this size; 0: never.",
+)
+@click.option(
+    "--tile-overlap",
+    type=click.IntRange(min=0),
+    default=32,
+    show_default=True,
+    help="LR pixels shared by neighbouring tiles.",
+)
+@click.option(
+    "--max-memory", help="Refuse images whose arrays need more than this (e.g. 8G; default: available memory)."
+)
+@click.option(
+    "--repair-nonfinite",
+    is_flag=True,
+    help="Replace NaN/Inf voxels by the finite minimum/maximum instead of refusing the image.",
+)
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: the available cores).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs (a batch otherwise skips them).")
 @medsr_errors
 def infer(
-    input_path, output, model, engine, device, sampler, steps, consistency, seed, batch_size, axis, frame, threads,
+    inputs,
+    output,
+    fmt,
+    dtype,
+    series,
+    model,
+    engine,
+    device,
+    sampler,
+    steps,
+    consistency,
+    seed,
+    batch_size,
+    axis,
+    frame,
+    tile,
+    tile_overlap,
+    max_memory,
+    repair_nonfinite,
+    threads,
     overwrite,
 ):
-    """Super-resolve INPUT (.nii or .nii.gz) in-plane by the model's scale factor."""
-    import dataclasses
-    import time
+    """Super-resolve INPUT in-plane by the model's scale factor.
 
-    import numpy as np
+    INPUT is a .nii/.nii.gz volume, a DICOM series directory or file, or a PNG/TIFF image. Several INPUTs, a glob
+    pattern or a directory of images make a batch: -o names the output directory, failures are reported and skipped,
+    existing outputs are skipped, and OUTPUT/medsr_summary.json records every input.
+    """
+    from medsr.engine.pipeline import SamplingOptions
+    from medsr.errors import InputError, MedsrError
+    from medsr.infer import InferSettings
+    from medsr.io.inputs import expand_inputs
+    from medsr.io.limits import parse_size
 
-    from tqdm import tqdm
+    jobs, batch = expand_inputs(inputs, series)
+    if batch and series is not None:
+        raise InputError("--series chooses among one directory's series; a batch runs every series")
+    if batch and output is None:
+        raise InputError("a batch (several inputs, a pattern or a directory of images) needs -o OUTPUT_DIRECTORY")
+    options = SamplingOptions(
+        steps=steps,
+        seed=seed,
+        batch_size=batch_size,
+        consistency=consistency,
+        tile_size=tile or None,
+        tile_overlap=tile_overlap,
+    )
+    settings = InferSettings(
+        options=options,
+        fmt=fmt,
+        dtype=dtype,
+        frame=frame,
+        axis=axis,
+        engine=engine,
+        max_bytes=parse_size(max_memory) if max_memory else None,
+        repair_nonfinite=repair_nonfinite,
+        overwrite=overwrite,
+    )
+    bundle = _load_bundle(model)
+    pipeline = functools.cache(lambda: _open_pipeline(bundle, engine, device, sampler, threads))
+    if batch:
+        failed = _run_batch(jobs, output, bundle, pipeline, settings)
+        if failed:
+            raise MedsrError(f"{failed} of {len(jobs)} input(s) failed; see {output / 'medsr_summary.json'}")
+    else:
+        _run_one(jobs[0], output, bundle, pipeline, settings)
 
-    import medsr
+
+def _load_bundle(model):
+    """The validated bundle at ``model``, or the bundled default."""
     from medsr.engine.bundle import load_bundle
-    from medsr.engine.pipeline import LatentSRPipeline, SamplingOptions
-    from medsr.engine.schedulers import SchedulerConfig
-    from medsr.engine.sessions import open_sessions
-    from medsr.errors import BundleError, InputError
-    from medsr.infer import choose_slice_axis, super_resolve_volume
-    from medsr.io.atomic import check_output_path
-    from medsr.io.nifti import is_nifti, load_nifti, save_nifti
+    from medsr.errors import BundleError
     from medsr.models import DEFAULT_BUNDLE
 
-    started = time.perf_counter()
-    if not is_nifti(input_path):
-        raise InputError(f"{input_path}: expected a .nii or .nii.gz file")
     if model is None:
         if not (DEFAULT_BUNDLE / "medsr.json").is_file():
             raise BundleError("no default model is bundled with this installation; pass --model BUNDLE")
         model = DEFAULT_BUNDLE
-    bundle = load_bundle(model)
-    output = output or default_output(input_path, bundle.scale)
-    check_output_path(output, overwrite)
-    volume = load_nifti(input_path)
-    data = volume.data
-    if frame is not None:
-        if data.ndim != 4 or frame >= data.shape[3]:
-            raise InputError(f"{input_path}: --frame {frame} but the image has shape {data.shape}")
-        data = data[..., frame]
-    axis = choose_slice_axis(volume.zooms) if axis is None else axis
-    sessions = open_sessions(bundle, engine, device=device, threads=threads)
+    return load_bundle(model)
+
+
+def _open_pipeline(bundle, engine, device, sampler, threads):
+    """The bundle's pipeline on ``engine`` (sessions are opened only once an input has passed its checks)."""
+    import dataclasses
+
+    from medsr.engine.pipeline import LatentSRPipeline
+    from medsr.engine.schedulers import SchedulerConfig
+    from medsr.engine.sessions import open_sessions
+
     scheduler_config = SchedulerConfig.from_dict(bundle.scheduler)
     if sampler:
         scheduler_config = dataclasses.replace(scheduler_config, algorithm=sampler)  # validates the combination
-    pipeline = LatentSRPipeline(bundle, sessions, scheduler_config)
-    options = SamplingOptions(steps=steps, seed=seed, batch_size=batch_size, consistency=consistency)
-    total = data.shape[axis] * (data.shape[3] if data.ndim == 4 else 1)
-    with tqdm(total=total, unit="slice", desc="super-resolving", disable=None) as bar:
-        result = super_resolve_volume(data, volume.affine, pipeline, axis, options, progress=bar.update)
-    description = f"medsr {medsr.__version__} x{bundle.scale} {bundle.name}"
-    save_nifti(output, result.data, result.affine, volume, description=description, overwrite=overwrite)
-    seconds = time.perf_counter() - started
-    providers = ",".join(next(iter(sessions.values())).providers)
+    return LatentSRPipeline(bundle, open_sessions(bundle, engine, device=device, threads=threads), scheduler_config)
+
+
+def _run_one(job, output, bundle, pipeline, settings) -> None:
+    from tqdm import tqdm
+
+    from medsr.infer import describe, prepare_job, provenance_of, run_prepared
+
+    prepared = prepare_job(job, output, bundle, settings)
+    with tqdm(unit="slice", desc="super-resolving", disable=None) as bar:
+        record = run_prepared(prepared, pipeline(), settings, progress=bar.update)
+    click.echo(f"{describe(record)}; engine {provenance_of(pipeline(), settings)['engine']}")
+
+
+def _run_batch(jobs, outdir: Path, bundle, pipeline, settings) -> int:
+    """Run a batch into ``outdir`` (created if missing); return the number of failed inputs."""
+    from medsr.errors import OutputError
+    from medsr.infer import SUMMARY_NAME, run_batch
+
+    if outdir.exists() and not outdir.is_dir():
+        raise OutputError(f"{outdir}: the output of a batch must be a directory")
+    try:
+        outdir.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{outdir}: cannot create the output directory: {exc.strerror or exc}") from exc
+    summary = run_batch(jobs, outdir, bundle, pipeline, settings, click.echo)
+    counts = summary["counts"]
     click.echo(
-        f"wrote {output}: {result.slices} slices along axis {axis}, {data.shape[:3]} -> {result.data.shape[:3]}, "
-        f"{seconds:.1f} s ({seconds / max(result.slices, 1):.2f} s/slice), engine {engine} [{providers}], "
-        f"{100 * result.clipped_fraction:.2f}% of input voxels clipped to the intensity window, "
-        f"consistency residual median {np.median(result.residuals):.2e}"
+        f"batch: {counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed; "
+        f"summary in {outdir / SUMMARY_NAME}"
     )
+    return counts["failed"]
 
 
 def main() -> None:

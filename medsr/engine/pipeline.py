@@ -20,6 +20,7 @@ from medsr.degrade import backproject, consistency_residual, degradation_from_di
 from medsr.engine.bundle import Bundle
 from medsr.engine.schedulers import SchedulerConfig, make_scheduler
 from medsr.engine.sessions import Session
+from medsr.engine.tiling import check_tile_options, super_resolve_tiled
 from medsr.errors import InputError, NonFiniteError, ShapeError
 
 # trace(stage, slice_indices, array): called with each intermediate stage of each batch, for the parity harness.
@@ -36,6 +37,10 @@ class SamplingOptions:
     ``consistency``: after decoding, make the SR slice agree with the measured LR slice (medsr.degrade):
     ``"kspace"`` replaces the SR's central k-space block by the LR's; ``"backproject"`` iterates back-projection
     through the bundle's degradation operator; ``"none"`` leaves the decoder output as it is.
+
+    ``tile_size``: slices with a side longer than this many LR pixels run in overlapping tiles of that size, sharing
+    at least ``tile_overlap`` LR pixels, blended in the SR domain (medsr.engine.tiling); None never tiles.
+    ``batch_size`` then counts tiles.
     """
 
     steps: int | None = None
@@ -43,6 +48,8 @@ class SamplingOptions:
     batch_size: int = 4
     lr_latent: str | None = None
     consistency: str | None = None
+    tile_size: int | None = 128
+    tile_overlap: int = 32
 
 
 @dataclass(frozen=True)
@@ -101,7 +108,8 @@ class LatentSRPipeline:
         """Super-resolve (N, h, w) LR slices in [-1, 1] to (N, s*h, s*w) float32.
 
         ``progress(n)`` is called after each batch with the number of slices it held. Slice i is seeded and traced
-        as index ``first_index + i`` (a volume's frames continue the numbering).
+        as index ``first_index + i`` (a volume's frames continue the numbering). Slices larger than
+        ``options.tile_size`` run in tiles, one slice at a time, and are not traced.
         """
         if lr.ndim != 3:
             raise ShapeError(f"expected LR slices shaped (N, H, W), got {lr.shape}")
@@ -112,6 +120,9 @@ class LatentSRPipeline:
             raise InputError(f"consistency must be one of {', '.join(CONSISTENCY_MODES)}, got {consistency!r}")
         scale = self.bundle.scale
         out = np.empty((lr.shape[0], lr.shape[1] * scale, lr.shape[2] * scale), dtype=np.float32)
+        if options.tile_size is not None and max(lr.shape[1:]) > options.tile_size:
+            self._super_resolve_tiled(lr, out, options, consistency, progress, first_index)
+            return SRResult(images=out, residuals=consistency_residual(out, lr.astype(np.float32), self.degradation))
         for start in range(0, lr.shape[0], options.batch_size):
             stop = min(start + options.batch_size, lr.shape[0])
             indices = [first_index + i for i in range(start, stop)]
@@ -121,6 +132,19 @@ class LatentSRPipeline:
             if progress is not None:
                 progress(len(indices))
         return SRResult(images=out, residuals=consistency_residual(out, lr.astype(np.float32), self.degradation))
+
+    def _super_resolve_tiled(self, lr, out, options, consistency, progress, first_index) -> None:
+        """Fill ``out`` slice by slice through medsr.engine.tiling (each slice padded to the size unit first)."""
+        size, overlap = check_tile_options(options.tile_size, options.tile_overlap, self.bundle.lr_multiple)
+        height, width = lr.shape[1:]
+        scale = self.bundle.scale
+        for i in range(lr.shape[0]):
+            padded = pad_to_multiple(lr[i : i + 1].astype(np.float32), self.bundle.lr_multiple)[0]
+            sr = super_resolve_tiled(self, padded, first_index + i, options, size, overlap)
+            sr = sr[None, : height * scale, : width * scale]
+            out[i] = self.enforce_consistency(sr, lr[i : i + 1].astype(np.float32), consistency)[0]
+            if progress is not None:
+                progress(1)
 
     def enforce_consistency(self, sr: np.ndarray, lr: np.ndarray, mode: str) -> np.ndarray:
         """Data consistency of (B, s*h, s*w) SR slices with their (B, h, w) LR slices (see SamplingOptions)."""
@@ -146,13 +170,19 @@ class LatentSRPipeline:
         _emit(trace, "decoded_image", indices, decoded)
         return decoded.mean(axis=1)[:, : height * scale, : width * scale]
 
-    def encode(self, image: np.ndarray, rngs: list[np.random.Generator], lr_latent: str) -> np.ndarray:
-        """(B, C_img, H, W) -> scaled latent z = (latent - shift) * scale, the posterior mean or a seeded sample."""
+    def encode(
+        self, image: np.ndarray, rngs: list[np.random.Generator], lr_latent: str, eps: np.ndarray | None = None
+    ) -> np.ndarray:
+        """(B, C_img, H, W) -> scaled latent z = (latent - shift) * scale, the posterior mean or a seeded sample.
+
+        ``eps``: the posterior's standard normal noise, instead of drawing it from ``rngs`` (tiles pass crops).
+        """
         moments = self.sessions["vae_encoder"].run({"image": image})
         mean, logvar = moments["latent_mean"], moments["latent_logvar"]
         _check_finite("vae_encoder", mean)
         if lr_latent == "sample":
-            eps = np.stack([rng.standard_normal(mean.shape[1:], dtype=np.float32) for rng in rngs])
+            if eps is None:
+                eps = np.stack([rng.standard_normal(mean.shape[1:], dtype=np.float32) for rng in rngs])
             mean = mean + np.exp(0.5 * logvar) * eps
         elif lr_latent != "mean":
             raise ShapeError(f"lr_latent must be 'mean' or 'sample', got {lr_latent!r}")
@@ -167,23 +197,51 @@ class LatentSRPipeline:
         trace: Trace | None = None,
     ) -> np.ndarray:
         """Run the sampler from seeded noise to the HR latent (B, C_lat, s*h, s*w), conditioned on ``z_lr``."""
+        shape = (z_lr.shape[1], z_lr.shape[2] * self.bundle.scale, z_lr.shape[3] * self.bundle.scale)
+
+        def draw() -> np.ndarray:
+            return np.stack([rng.standard_normal(shape, dtype=np.float32) for rng in rngs])
+
+        return self.sample_latents(z_lr, draw(), draw, steps, indices, trace)
+
+    def sample_latents(
+        self,
+        z_lr: np.ndarray,
+        noise: np.ndarray,
+        draw_noise: Callable[[], np.ndarray],
+        steps: int | None,
+        indices: Sequence[int] = (),
+        trace: Trace | None = None,
+        chunk: int | None = None,
+    ) -> np.ndarray:
+        """The sampler loop from standard normal ``noise`` (B, C_lat, s*h, s*w) to the HR latent.
+
+        ``draw_noise()`` gives each step's noise for stochastic samplers; the denoiser runs on at most ``chunk`` items
+        at a time (all of them when None), while the scheduler steps the whole stack at once.
+        """
         scheduler = make_scheduler(self.scheduler_config)
         scheduler.set_timesteps(steps or self.scheduler_config.default_steps)
-        shape = (z_lr.shape[1], z_lr.shape[2] * self.bundle.scale, z_lr.shape[3] * self.bundle.scale)
-        sample = np.stack([rng.standard_normal(shape, dtype=np.float32) for rng in rngs])
-        sample = (sample * np.float32(scheduler.init_noise_sigma)).astype(np.float32)
-        denoiser = self.sessions["denoiser"]
+        sample = (noise * np.float32(scheduler.init_noise_sigma)).astype(np.float32)
+        chunk = chunk or sample.shape[0]
         for k, t in enumerate(scheduler.timesteps):
-            timestep = np.full((sample.shape[0],), t, dtype=np.float32)
-            output = denoiser.run({"sample": sample, "lr_latent": z_lr, "timestep": timestep})["model_output"]
+            output = np.concatenate(
+                [
+                    self._denoise_once(sample[a : a + chunk], z_lr[a : a + chunk], t)
+                    for a in range(0, sample.shape[0], chunk)
+                ]
+            )
             _check_finite(f"denoiser step {k} (t={t})", output)
             _emit(trace, f"denoiser_output[{k}]", indices, output)
-            noise = None
-            if scheduler.stochastic:
-                noise = np.stack([rng.standard_normal(shape, dtype=np.float32) for rng in rngs])
+            noise = draw_noise() if scheduler.stochastic else None
             sample = scheduler.step(output, t, sample, noise=noise).prev_sample.astype(np.float32)
         _check_finite("sampler", sample)
         return sample
+
+    def _denoise_once(self, sample: np.ndarray, z_lr: np.ndarray, t) -> np.ndarray:
+        timestep = np.full((sample.shape[0],), t, dtype=np.float32)
+        return self.sessions["denoiser"].run({"sample": sample, "lr_latent": z_lr, "timestep": timestep})[
+            "model_output"
+        ]
 
     def decode(self, latent: np.ndarray) -> np.ndarray:
         """Scaled HR latent -> (B, C_img, H, W) image in about [-1, 1]."""

@@ -1,75 +1,143 @@
 """NIfTI volumes in and out, with nibabel.
 
-Loading applies scl_slope/scl_inter (``get_fdata``) and refuses what cannot be super-resolved with a one-line
-InputError naming the file. Saving writes float32 with slope 1 / intercept 0 (a copied int16 header would otherwise
-re-quantize the output), the given affine, and the input's qform/sform codes set explicitly (REFERENCE.md section 3).
+Loading reads the header first (shape and type are checked, and the memory limit applied, before any voxel is
+read), then the voxels with scl_slope/scl_inter applied (``get_fdata``). Saving keeps the template's orientation
+codes, units, description, time step and extensions, writes the given affine into both qform and sform with their
+codes set explicitly (a copied header would otherwise reset them, REFERENCE.md section 3), writes float32 with slope 1
+/ intercept 0 unless an integer type is asked for, and records medsr's provenance in a JSON comment extension.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from medsr.errors import InputError
 from medsr.io.atomic import atomic_path
+from medsr.io.dtypes import quantize
+from medsr.io.image import FLOAT32, Volume, check_finite
+from medsr.io.limits import MemoryLimit
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-
-
-@dataclass(frozen=True)
-class Volume:
-    """A loaded image: ``data`` float32 (X, Y, Z) or (X, Y, Z, T) in the file's units, ``affine`` (4, 4) voxel
-    centre -> RAS+ mm, and the nibabel ``header`` it came with."""
-
-    path: Path
-    data: np.ndarray
-    affine: np.ndarray
-    header: object
-
-    @property
-    def zooms(self) -> tuple[float, float, float]:
-        """Voxel spacing (mm) of the three spatial axes, from the affine's columns."""
-        return tuple(float(z) for z in np.linalg.norm(self.affine[:3, :3], axis=0))
+#: NIFTI_ECODE_COMMENT: the extension code of free text, here medsr's provenance as JSON.
+COMMENT_ECODE = 6
+#: qform/sform code of an image whose coordinates come from a scanner (NIFTI_XFORM_SCANNER_ANAT).
+SCANNER_CODE = 1
+#: Header data types medsr reads (names as numpy gives them); complex, RGB and bool are refused.
+READABLE_KINDS = "iuf"
 
 
 def is_nifti(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
-def load_nifti(path: str | os.PathLike) -> Volume:
-    """Read a 3D or 4D NIfTI file as float32 with its scaling applied.
-
-    Raises:
-        InputError: missing, empty, unreadable, corrupt or truncated file; not 3D/4D; NaN or Inf voxels.
-    """
-    import nibabel as nib
-
-    path = Path(path)
+def _check_file(path: Path) -> None:
     if not path.exists():
         raise InputError(f"{path}: file not found")
     if path.is_dir():
         raise InputError(f"{path}: is a directory, expected a NIfTI file")
     if path.stat().st_size == 0:
         raise InputError(f"{path}: file is empty")
+
+
+def _open(path: Path):
+    """nibabel image with its header parsed and its voxels not yet read."""
+    import nibabel as nib
+
     try:
         image = nib.load(str(path))
-        data = np.asarray(image.get_fdata(dtype=np.float32))
-    except (nib.filebasedimages.ImageFileError, OSError, EOFError, zlib.error, ValueError) as exc:
+    except Exception as exc:  # a corrupt header can fail anywhere inside nibabel's parser
         raise InputError(f"{path}: unreadable or corrupt NIfTI: {exc}") from exc
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
         raise InputError(f"{path}: not a NIfTI image ({type(image).__name__})")
-    if data.ndim == 5 and data.shape[3] == 1:
-        data = data[..., 0, :]
-    if data.ndim not in (3, 4):
-        raise InputError(f"{path}: expected a 3D or 4D volume, got shape {data.shape}")
-    bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
-    if bad:
-        raise InputError(f"{path}: {bad} voxel(s) are NaN or Inf")
-    return Volume(path=path, data=data, affine=np.asarray(image.affine, dtype=np.float64), header=image.header)
+    return image
+
+
+def _spatial_shape(path: Path, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """(X, Y, Z) or (X, Y, Z, T) from the header's dims: a 2D image gains Z = 1, a 5D one with T = 1 drops it."""
+    if len(shape) == 2:
+        return (*shape, 1)
+    if len(shape) == 5 and shape[3] == 1:
+        return (*shape[:3], shape[4])
+    if len(shape) not in (3, 4):
+        raise InputError(f"{path}: expected a 2D, 3D or 4D image, got shape {shape}")
+    if 0 in shape:
+        raise InputError(f"{path}: image has an empty axis, shape {shape}")
+    return shape
+
+
+def load_nifti(path: str | os.PathLike, limit: MemoryLimit | None = None, repair_nonfinite: bool = False) -> Volume:
+    """Read a 2D, 3D or 4D NIfTI file as float32 with its scaling applied (2D becomes (X, Y, 1)).
+
+    Raises:
+        InputError: missing, empty, unreadable, corrupt or truncated file; unsupported data type (complex, RGB);
+            too large for ``limit``; NaN or Inf voxels (unless ``repair_nonfinite``).
+    """
+    path = Path(path)
+    _check_file(path)
+    image = _open(path)
+    try:
+        stored = np.dtype(image.get_data_dtype())
+        shape = _spatial_shape(path, tuple(int(n) for n in image.shape))
+    except InputError:
+        raise
+    except Exception as exc:  # header fields nibabel cannot interpret
+        raise InputError(f"{path}: corrupt NIfTI header: {exc}") from exc
+    if stored.kind not in READABLE_KINDS or stored.fields is not None:
+        raise InputError(f"{path}: unsupported NIfTI data type {stored}; medsr reads integer and float images")
+    if limit is not None:
+        limit.check(path, shape)
+    affine = np.asarray(image.affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise InputError(
+            f"{path}: the header's affine is not a valid voxel-to-world transform: {np.round(affine, 4).tolist()}"
+        )
+    try:
+        data = np.asarray(image.get_fdata(dtype=np.float32), dtype=np.float32).reshape(shape)
+    except Exception as exc:  # truncated or corrupt data: EOFError, zlib.error, ValueError, OSError...
+        raise InputError(f"{path}: unreadable, corrupt or truncated NIfTI data: {exc}") from exc
+    data, note = check_finite(path, data, repair_nonfinite)
+    header = image.header.copy()  # nibabel moved scl_slope/scl_inter into the data proxy: put them back
+    header.set_slope_inter(*_proxy_scaling(image))
+    return Volume(
+        path=path,
+        data=data,
+        affine=affine,
+        format="nifti",
+        meta=header,
+        stored_dtype=stored,
+        notes=(note,) if note else (),
+    )
+
+
+def _proxy_scaling(image) -> tuple[float, float]:
+    slope, inter = getattr(image.dataobj, "slope", 1.0), getattr(image.dataobj, "inter", 0.0)
+    return float(slope), float(inter)
+
+
+def _header_for(template: Volume):
+    """A header to write under: the template's own for a NIfTI source, else a fresh one in mm with scanner codes."""
+    import nibabel as nib
+
+    if template.format == "nifti":
+        header = template.meta.copy()
+        return header, int(header["qform_code"]), int(header["sform_code"])
+    header = nib.Nifti1Header()
+    header.set_xyzt_units("mm")
+    return header, SCANNER_CODE, SCANNER_CODE
+
+
+def _slope_inter(template: Volume, dtype: np.dtype) -> tuple[float, float]:
+    """The template's scl_slope/scl_inter when writing its own integer type, else 1 / 0."""
+    if template.format != "nifti" or dtype != template.stored_dtype:
+        return 1.0, 0.0
+    slope, inter = template.meta.get_slope_inter()
+    slope = 1.0 if slope is None or not np.isfinite(slope) or slope == 0 else float(slope)
+    inter = 0.0 if inter is None or not np.isfinite(inter) else float(inter)
+    return slope, inter
 
 
 def save_nifti(
@@ -77,27 +145,37 @@ def save_nifti(
     data: np.ndarray,
     affine: np.ndarray,
     template: Volume,
-    description: str = "",
+    provenance: dict,
+    dtype: np.dtype = FLOAT32,
     overwrite: bool = False,
-) -> Path:
-    """Write ``data`` (float32) with ``affine`` as NIfTI, keeping the template's codes, units and time step.
+) -> float:
+    """Write ``data`` (X, Y, Z[, T], input units) with ``affine`` as NIfTI, atomically; return the fraction of
+    voxels clipped to the range of an integer ``dtype``.
 
-    The file appears atomically under ``path``; an existing file is replaced only with ``overwrite``.
+    The description is the template's (a NIfTI input's) or, when it has none, ``medsr <version> x<s> <model>``;
+    ``provenance`` is always stored as a JSON comment extension.
     """
     import nibabel as nib
 
-    header = template.header.copy()
-    header.set_data_dtype(np.float32)
-    image = nib.Nifti1Image(np.asarray(data, dtype=np.float32), affine, header=header)
-    qform_code = int(template.header["qform_code"])
-    sform_code = int(template.header["sform_code"])
+    header, qform_code, sform_code = _header_for(template)
+    dtype = np.dtype(dtype)
+    slope, inter = _slope_inter(template, dtype)
+    stored, clipped = quantize(data, dtype, slope, inter)
+    header.set_data_dtype(dtype)
+    image = nib.Nifti1Image(stored, affine, header=header)
     image.set_qform(affine, code=qform_code)
     image.set_sform(affine, code=sform_code)
-    image.header.set_slope_inter(1.0, 0.0)
+    image.header.set_slope_inter(slope, inter)
     zooms = list(np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))
-    image.header.set_zooms(tuple(zooms + list(template.header.get_zooms()[3 : data.ndim])))
-    if description:
-        image.header["descrip"] = description.encode("ascii", "replace")[:79]
+    time_zooms = list(template.meta.get_zooms()[3:]) if template.format == "nifti" else []
+    image.header.set_zooms(tuple(zooms + (time_zooms + [1.0])[: data.ndim - 3]))
+    if not bytes(image.header["descrip"]).strip(b"\x00 "):
+        summary = (
+            f"medsr {provenance.get('medsr_version', '')} x{provenance.get('scale', '')} {provenance.get('model', '')}"
+        )
+        image.header["descrip"] = summary.encode("ascii", "replace")[:79]
+    comment = json.dumps({"medsr": provenance}, sort_keys=True).encode("utf-8")
+    image.header.extensions.append(nib.nifti1.Nifti1Extension(COMMENT_ECODE, comment))
     with atomic_path(path, overwrite=overwrite) as tmp:
         nib.save(image, str(tmp))
-    return Path(path)
+    return clipped

@@ -14,7 +14,11 @@ from medsr.errors import InputError
 
 @dataclass(frozen=True)
 class IntensityWindow:
-    """Input intensities ``low`` -> -1 and ``high`` -> +1 (input units, e.g. MR signal or HU)."""
+    """Input intensities ``low`` -> -1 and ``high`` -> +1 (input units, e.g. MR signal or HU).
+
+    ``low > high`` is an inverted window: medsr.infer uses one for MONOCHROME1 images (low values display bright), so
+    that the model always sees bright = dense.
+    """
 
     low: float
     high: float
@@ -44,7 +48,11 @@ def normalize(data: np.ndarray, window: IntensityWindow) -> tuple[np.ndarray, fl
 
 
 def denormalize(data: np.ndarray, window: IntensityWindow) -> np.ndarray:
-    """Invert ``normalize`` (without clipping): model range back to the input's units, float32."""
-    return ((np.asarray(data, dtype=np.float64) + 1.0) * ((window.high - window.low) / 2.0) + window.low).astype(
-        np.float32
-    )
+    """Invert ``normalize`` (without clipping): model range back to the input's units, float32.
+
+    Computed in float32 (a new array), so a large SR image needs no float64 copy.
+    """
+    out = np.asarray(data, dtype=np.float32) + np.float32(1.0)
+    out *= np.float32((window.high - window.low) / 2.0)
+    out += np.float32(window.low)
+    return out
