@@ -1,0 +1,333 @@
+"""Native TensorRT behind the Session interface: a versioned plan cache, per-shape executors, CUDA graphs.
+
+Plans live in ``<bundle>/engines/`` (or ``MEDSR_ENGINE_CACHE``) as ``<graph>-<precision>-<profile>.plan`` with a
+JSON of its key: graph sha256, precision, shape profile, TensorRT version, GPU name and compute capability
+(DESIGN.md). A plan whose key differs from this machine's is stale: it is refused with a message naming what
+differs and rebuilt (never silently reused); with ``build=False`` the refusal is a BackendError.
+
+Each input shape gets an executor: device buffers and page-locked host buffers allocated once, and for a static
+profile the whole step (copies in, the engine, copies out) captured once as a CUDA graph and replayed, so a step
+costs one launch. Activations and weights never leave the GPU; the latent (B x C x h x w float32, 48 KB for one
+256x256 slice of a f=4 model) crosses to the host and back once per step because the scheduler is NumPy by design.
+TensorRT and cuda-python are imported only here, on first use; a missing package or GPU is a BackendError.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medsr.engine.cuda import GPU_EXTRA_HINT, CudaRuntime, GpuInfo
+from medsr.engine.graphs import GRAPHS
+from medsr.engine.profiles import Shape, ShapeProfile, choose_profile
+from medsr.errors import BackendError, ShapeError
+
+CACHE_ENV = "MEDSR_ENGINE_CACHE"
+
+
+def import_tensorrt():
+    """The ``tensorrt`` module (version 10 or newer), or a BackendError that says how to get it."""
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        raise BackendError(
+            f"--engine trt needs TensorRT >= 10, which is not installed: {GPU_EXTRA_HINT}, or run the medsr "
+            "container (Dockerfile); --engine ort --device cuda runs ONNX Runtime on the GPU instead"
+        ) from exc
+    if int(trt.__version__.split(".")[0]) < 10:
+        raise BackendError(f"--engine trt needs TensorRT >= 10, found {trt.__version__}")
+    return trt
+
+
+@dataclass(frozen=True)
+class PlanKey:
+    """Everything a plan depends on. Two plans are interchangeable only when every field is equal."""
+
+    graph: str
+    graph_sha256: str
+    precision: str
+    profile: str
+    tensorrt_version: str
+    gpu_name: str
+    compute_capability: str
+
+    @property
+    def stem(self) -> str:
+        """File name stem: what the plan is for; the machine-dependent fields are checked, not named."""
+        return f"{self.graph}-{self.precision}-{self.profile}"
+
+    def mismatches(self, other: PlanKey) -> list[str]:
+        """Human-readable differences ``self`` (this machine) vs ``other`` (a cached plan)."""
+        labels = {
+            "graph_sha256": "graph sha256",
+            "tensorrt_version": "TensorRT version",
+            "gpu_name": "GPU",
+            "compute_capability": "compute capability",
+        }
+        return [
+            f"{label}: plan {getattr(other, field)!s}, here {getattr(self, field)!s}"
+            for field, label in labels.items()
+            if getattr(self, field) != getattr(other, field)
+        ]
+
+
+class PlanCache:
+    """Plans on disk: ``<stem>.plan`` and ``<stem>.json`` (the PlanKey and the plan's sha256)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def paths(self, key: PlanKey) -> tuple[Path, Path]:
+        return self.root / f"{key.stem}.plan", self.root / f"{key.stem}.json"
+
+    def lookup(self, key: PlanKey) -> tuple[bytes | None, str | None]:
+        """(plan, None) on a hit; (None, None) when absent; (None, reason) when a stale or corrupt plan is there."""
+        plan_path, meta_path = self.paths(key)
+        if not plan_path.is_file():
+            return None, None
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            cached = PlanKey(**meta["key"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return None, f"its key file {meta_path.name} is missing or unreadable ({exc})"
+        differences = key.mismatches(cached)
+        if differences:
+            return None, "built for another setup: " + "; ".join(differences)
+        plan = plan_path.read_bytes()
+        if hashlib.sha256(plan).hexdigest() != meta.get("plan_sha256"):
+            return None, "the plan file does not match its recorded sha256 (truncated or modified)"
+        return plan, None
+
+    def store(self, key: PlanKey, plan: bytes) -> Path:
+        """Write the plan and its key atomically (key last: a plan without its key is never trusted)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        plan_path, meta_path = self.paths(key)
+        for path, data in (
+            (plan_path, plan),
+            (meta_path, json.dumps({"key": asdict(key), "plan_sha256": hashlib.sha256(plan).hexdigest()}).encode()),
+        ):
+            staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            staging.write_bytes(data)
+            os.replace(staging, path)
+        return plan_path
+
+
+def cache_root(bundle) -> Path:
+    """``MEDSR_ENGINE_CACHE/<bundle name>`` when set, else ``<bundle>/engines``."""
+    override = os.environ.get(CACHE_ENV)
+    return Path(override) / bundle.name if override else Path(bundle.root) / "engines"
+
+
+class PlanExecutor:
+    """One plan run at one set of input shapes: load -> activate -> allocate -> infer -> close.
+
+    Args:
+        trt, cuda: the tensorrt module and a CudaRuntime (tests inject fakes).
+        plan: serialized engine bytes.
+        shapes: input name -> shape this executor runs.
+        cuda_graph: capture copies + engine once and replay them (static shapes only).
+    """
+
+    def __init__(self, trt, cuda: CudaRuntime, plan: bytes, shapes: dict[str, Shape], cuda_graph: bool):
+        self.trt, self.cuda, self.shapes, self.use_graph = trt, cuda, shapes, cuda_graph
+        self.engine = self.load(plan)
+        self.context = self.activate()
+        self.buffers: dict[str, tuple[int, int, np.ndarray]] = {}
+        self.graph = None
+        self.allocate()
+
+    def load(self, plan: bytes):
+        engine = self.trt.Runtime(self.trt.Logger(self.trt.Logger.WARNING)).deserialize_cuda_engine(plan)
+        if engine is None:
+            raise BackendError("TensorRT could not deserialize the plan (built by another TensorRT or corrupt)")
+        return engine
+
+    def activate(self):
+        context = self.engine.create_execution_context()
+        for name, shape in self.shapes.items():
+            if not context.set_input_shape(name, shape):
+                raise ShapeError(f"input {name} shape {shape} is outside the plan's optimization profile")
+        return context
+
+    def _tensor_names(self, mode) -> list[str]:
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        return [name for name in names if self.engine.get_tensor_mode(name) == mode]
+
+    def allocate(self) -> None:
+        """A device buffer and a pinned host buffer per input and output, bound to the context."""
+        inputs = self._tensor_names(self.trt.TensorIOMode.INPUT)
+        outputs = self._tensor_names(self.trt.TensorIOMode.OUTPUT)
+        for name in inputs + outputs:
+            shape = tuple(self.shapes[name]) if name in inputs else tuple(self.context.get_tensor_shape(name))
+            dtype = np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(name)))
+            host_address, host = self.cuda.pinned(shape, dtype)
+            device = self.cuda.malloc(host.nbytes)
+            self.context.set_tensor_address(name, device)
+            self.buffers[name] = (device, host_address, host)
+        self.input_names, self.output_names = tuple(inputs), tuple(outputs)
+
+    def _enqueue(self) -> None:
+        for name in self.input_names:
+            device, host_address, host = self.buffers[name]
+            self.cuda.copy_to_device(device, host_address, host.nbytes)
+        if not self.context.execute_async_v3(self.cuda.stream):
+            raise BackendError("TensorRT execution failed (execute_async_v3 returned False)")
+        for name in self.output_names:
+            device, host_address, host = self.buffers[name]
+            self.cuda.copy_to_host(host_address, device, host.nbytes)
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Copy ``feeds`` into the pinned inputs, run (graph replay or enqueue), return copies of the outputs."""
+        for name in self.input_names:
+            np.copyto(self.buffers[name][2], feeds[name], casting="same_kind")
+        if self.graph is not None:
+            self.cuda.launch(self.graph)
+        else:
+            self._enqueue()
+            if self.use_graph:  # the first run did TensorRT's lazy setup; capture the next ones
+                self.cuda.synchronize()
+                self.cuda.begin_capture()
+                self._enqueue()
+                self.graph = self.cuda.end_capture()
+                self.cuda.launch(self.graph)
+        self.cuda.synchronize()
+        return {name: self.buffers[name][2].copy() for name in self.output_names}
+
+    def close(self) -> None:
+        if self.graph is not None:
+            self.cuda.destroy_graph(self.graph)
+            self.graph = None
+        for device, host_address, _ in self.buffers.values():
+            self.cuda.free(device)
+            self.cuda.free_pinned(host_address)
+        self.buffers.clear()
+        self.context = self.engine = None
+
+
+class TrtSession:
+    """One bundle graph on TensorRT: picks a profile for each input shape, loads or builds its plan, runs it.
+
+    Without ``profiles`` every new shape gets its own static profile (built on first use, then cached on disk);
+    with them, a shape runs on the narrowest profile that admits it (medsr.engine.profiles.choose_profile).
+
+    Args:
+        graph: graph name (medsr.engine.graphs); entry: its bundle GraphEntry (path, sha256).
+        precision: one of medsr.export.tensorrt.TRT_PRECISIONS.
+        cache: the PlanCache; gpu: this machine's GpuInfo.
+        build: build missing or stale plans (False: refuse them with a BackendError).
+        builder: ``builder(onnx_path, profile, precision) -> plan bytes``; default: medsr.export.tensorrt.build_plan.
+    """
+
+    def __init__(
+        self,
+        graph,
+        entry,
+        precision,
+        cache: PlanCache,
+        trt,
+        cuda,
+        gpu: GpuInfo,
+        profiles=(),
+        build=True,
+        builder=None,
+        cuda_graphs=True,
+    ):
+        spec = GRAPHS[graph]
+        self.graph, self.entry, self.precision, self.cache = graph, entry, precision, cache
+        self.trt, self.cuda, self.gpu, self.build, self.cuda_graphs = trt, cuda, gpu, build, cuda_graphs
+        self.profiles = list(profiles)
+        self.builder = builder or self._default_builder
+        self.input_names, self.output_names = spec.inputs, spec.outputs
+        self.providers = (f"TensorRT-{trt.__version__}-{precision}",)
+        self.notes: list[str] = []
+        self._executors: dict[tuple, PlanExecutor] = {}
+
+    def _default_builder(self, onnx_path, profile: ShapeProfile, precision: str) -> bytes:
+        from medsr.export.tensorrt import build_plan
+
+        return build_plan(self.trt, onnx_path, profile, precision, timing_cache=self.cache.root / "timing.cache")
+
+    def key(self, profile: ShapeProfile) -> PlanKey:
+        return PlanKey(
+            self.graph,
+            self.entry.sha256,
+            self.precision,
+            profile.tag,
+            self.trt.__version__,
+            self.gpu.name,
+            self.gpu.compute_capability,
+        )
+
+    def plan(self, profile: ShapeProfile) -> bytes:
+        """The cached plan for ``profile``, built (and cached) when absent or stale."""
+        key = self.key(profile)
+        plan, stale = self.cache.lookup(key)
+        if plan is not None:
+            return plan
+        plan_path = self.cache.paths(key)[0]
+        if stale:
+            if not self.build:
+                raise BackendError(f"{plan_path}: stale TensorRT plan refused, {stale}; rebuild it with build=True")
+            note = f"{plan_path.name}: stale TensorRT plan rebuilt, {stale}"
+            warnings.warn(note, stacklevel=2)
+            self.notes.append(note)
+        elif not self.build:
+            raise BackendError(f"{plan_path}: no TensorRT plan for this shape profile and building is off")
+        plan = self.builder(self.entry.path, profile, self.precision)
+        self.cache.store(key, plan)
+        return plan
+
+    def executor(self, shapes: dict[str, Shape]) -> PlanExecutor:
+        signature = tuple(shapes[name] for name in self.input_names)
+        if signature not in self._executors:
+            profile = choose_profile(self.profiles, shapes)
+            if profile is None:
+                profile = ShapeProfile(self.graph, tuple((n, (s, s, s)) for n, s in shapes.items()))
+                self.profiles.append(profile)
+            use_graph = self.cuda_graphs and profile.static
+            self._executors[signature] = PlanExecutor(self.trt, self.cuda, self.plan(profile), shapes, use_graph)
+        return self._executors[signature]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Named float32 arrays in, named float32 arrays out (host memory), like every Session."""
+        missing = [name for name in self.input_names if name not in feeds]
+        if missing:
+            raise ShapeError(f"{self.graph}: missing input(s) {', '.join(missing)}")
+        shapes = {name: tuple(np.shape(feeds[name])) for name in self.input_names}
+        return self.executor(shapes).infer(feeds)
+
+    def close(self) -> None:
+        for executor in self._executors.values():
+            executor.close()
+        self._executors.clear()
+
+
+def open_trt_sessions(
+    bundle, precision: str = "fp16", profiles: dict | None = None, build: bool = True, trt=None, cuda=None
+) -> dict[str, TrtSession]:
+    """A TrtSession per graph of ``bundle``, sharing one CUDA stream and the bundle's plan cache.
+
+    ``precision``: one TensorRT precision for every graph, or {graph: precision} (e.g. what
+    medsr.export.tensorrt.choose_precision picked per graph). ``profiles``: {graph: [ShapeProfile]}.
+    """
+    from medsr.export.tensorrt import TRT_PRECISIONS
+
+    trt = trt or import_tensorrt()
+    cuda = cuda or CudaRuntime()
+    precisions = precision if isinstance(precision, dict) else dict.fromkeys(bundle.graphs, precision)
+    bad = {graph: p for graph, p in precisions.items() if p not in TRT_PRECISIONS}
+    if bad:
+        raise BackendError(f"TensorRT precision must be one of {', '.join(TRT_PRECISIONS)}, got {bad}")
+    cache, gpu = PlanCache(cache_root(bundle)), cuda.gpu()
+    return {
+        graph: TrtSession(
+            graph, entry, precisions[graph], cache, trt, cuda, gpu, (profiles or {}).get(graph, ()), build
+        )
+        for graph, entry in bundle.graphs.items()
+    }

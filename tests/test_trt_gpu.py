@@ -1,0 +1,76 @@
+"""The CUDA runtime wrapper of the TensorRT engine on a real GPU (skipped without cuda-python and a GPU), and a real
+TensorRT build and run of the tiny bundle where TensorRT is installed. benchmarks/gpu.sh runs these on a GPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+cuda_bindings = pytest.importorskip("cuda.bindings.runtime", reason="cuda-python (cuda-bindings) is not installed")
+
+from medsr.engine.cuda import CudaRuntime
+from medsr.errors import BackendError
+
+
+@pytest.fixture(scope="module")
+def cuda():
+    try:
+        return CudaRuntime()
+    except BackendError as exc:
+        pytest.skip(str(exc))
+
+
+def test_gpu_name_and_capability(cuda):
+    gpu = cuda.gpu()
+    assert gpu.name.startswith("NVIDIA") and gpu.compute_capability.count(".") == 1
+
+
+def test_round_trip_through_device_and_cuda_graph_replay(cuda):
+    """Pinned -> device -> pinned copies captured once as a graph and replayed with new host data."""
+    host_in_address, host_in = cuda.pinned((3, 64, 64), np.float32)
+    host_out_address, host_out = cuda.pinned((3, 64, 64), np.float32)
+    device = cuda.malloc(host_in.nbytes)
+    try:
+        host_in[...] = 1.5
+        cuda.copy_to_device(device, host_in_address, host_in.nbytes)
+        cuda.copy_to_host(host_out_address, device, host_in.nbytes)
+        cuda.synchronize()
+        np.testing.assert_array_equal(host_out, 1.5)
+        cuda.begin_capture()
+        cuda.copy_to_device(device, host_in_address, host_in.nbytes)
+        cuda.copy_to_host(host_out_address, device, host_in.nbytes)
+        graph = cuda.end_capture()
+        for value in (2.0, -3.0):
+            host_in[...] = value
+            cuda.launch(graph)
+            cuda.synchronize()
+            np.testing.assert_array_equal(host_out, value)
+        cuda.destroy_graph(graph)
+    finally:
+        cuda.free(device)
+        cuda.free_pinned(host_in_address)
+        cuda.free_pinned(host_out_address)
+
+
+def test_tensorrt_matches_onnxruntime_on_the_tiny_bundle(tiny_bundle, tmp_path, monkeypatch):
+    """Real TensorRT (fp32 and fp16 with pinned norms) against ONNX Runtime CPU on every graph."""
+    pytest.importorskip("tensorrt")
+    from medsr.engine.bundle import load_bundle
+    from medsr.engine.profiles import graph_input_shapes
+    from medsr.engine.sessions import open_ort_sessions
+    from medsr.engine.trt import open_trt_sessions
+    from medsr.eval.parity import compare_arrays
+
+    monkeypatch.setenv("MEDSR_ENGINE_CACHE", str(tmp_path))
+    bundle = load_bundle(tiny_bundle)
+    reference = open_ort_sessions(bundle)
+    rng = np.random.default_rng(0)
+    for precision, threshold in (("fp32", 60.0), ("fp16", 35.0)):
+        sessions = open_trt_sessions(bundle, precision)
+        for graph, shapes in graph_input_shapes(bundle, 2, 32, 32).items():
+            feeds = {name: rng.standard_normal(shape, dtype=np.float32) for name, shape in shapes.items()}
+            expected = reference[graph].run(feeds)
+            for _ in range(2):  # the second run replays the CUDA graph
+                actual = sessions[graph].run(feeds)
+            for name, array in expected.items():
+                assert compare_arrays(actual[name], array)["psnr_db"] > threshold, (precision, graph, name)
