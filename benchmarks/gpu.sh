@@ -2,7 +2,9 @@
 # One prepared GPU run: install carried wheels, record what the machine has, run the GPU tests, benchmark every GPU
 # engine that can run here, and write the JSON + markdown report. Takes a few minutes on an H100/H200.
 #
-#   bash benchmarks/gpu.sh [OUT_DIR]          (default OUT_DIR: $OUT if set, else benchmarks/results)
+#   bash benchmarks/gpu.sh [OUT_DIR] [quick]  (default OUT_DIR: $OUT if set, else benchmarks/results)
+#
+# "quick" (about 2 minutes) benchmarks the paper-size model only, with 2 repeats.
 #
 # Nothing is downloaded. Wheels in benchmarks/wheels/ (pure-Python ones the image lacks: diffusers, nibabel,
 # onnxslim, importlib_metadata; a tensorrt or onnxruntime-gpu wheel if someone carries one) are installed with
@@ -12,6 +14,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-benchmarks/results}}
+if [ "${2:-}" = quick ]; then SCOPE=(--preset latentsr-medvae-4x3 --repeats 2); else
+  SCOPE=(--preset latentsr-medvae-4x3 --preset default --repeats 3); fi
 PY=${PYTHON:-python3}
 mkdir -p "$OUT_DIR"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -59,8 +63,7 @@ $PY -m pytest -q -p no:cacheprovider tests/test_trt_gpu.py tests/test_trt.py 2>&
 
 echo "== benchmark: ${ENGINES[*]}"
 $PY -c "from medsr.cli.bench import main; main()" --device cuda \
-  --preset latentsr-medvae-4x3 --preset default "${ENGINES[@]}" \
-  --batch-size 1 --batch-size 4 --slices 4 --steps 10 --repeats 3 \
+  "${SCOPE[@]}" "${ENGINES[@]}" --batch-size 1 --batch-size 4 --slices 4 --steps 10 \
   --work-dir /tmp/medsr-bench -o "$OUT_DIR" --tag gpu 2>"$OUT_DIR/gpu-bench.log"
 status=$?
 tail -5 "$OUT_DIR/gpu-bench.log"

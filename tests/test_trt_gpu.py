@@ -3,6 +3,8 @@ TensorRT build and run of the tiny bundle where TensorRT is installed. benchmark
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 
@@ -52,9 +54,9 @@ def test_round_trip_through_device_and_cuda_graph_replay(cuda):
         cuda.free_pinned(host_out_address)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None, reason="TensorRT is not installed")
 def test_tensorrt_matches_onnxruntime_on_the_tiny_bundle(tiny_bundle, tmp_path, monkeypatch):
     """Real TensorRT (fp32 and fp16 with pinned norms) against ONNX Runtime CPU on every graph."""
-    pytest.importorskip("tensorrt")
     from medsr.engine.bundle import load_bundle
     from medsr.engine.profiles import graph_input_shapes
     from medsr.engine.sessions import open_ort_sessions
