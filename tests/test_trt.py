@@ -185,7 +185,8 @@ def test_missing_input_is_a_shape_error(tmp_path):
         session.run({"sample": np.zeros((1, 3, 64, 64), np.float32)})
 
 
-def test_open_trt_sessions_shares_cache_and_checks_precision(tmp_path):
+def test_open_trt_sessions_shares_cache_and_checks_precision(tmp_path, monkeypatch):
+    monkeypatch.delenv("MEDSR_ENGINE_CACHE", raising=False)
     cuda = FakeCuda()
     bundle = fake_bundle(tmp_path)
     sessions = open_trt_sessions(
