@@ -20,7 +20,7 @@ import numpy as np
 from medsr.engine.pipeline import LatentSRPipeline, SamplingOptions
 from medsr.errors import InputError, MedsrError
 from medsr.io.affine import upsample_affine
-from medsr.io.image import Volume
+from medsr.io.image import Volume, flat
 from medsr.io.normalize import IntensityWindow, denormalize, fit_window, normalize
 
 SUMMARY_NAME = "medsr_summary.json"
@@ -318,7 +318,10 @@ def run_batch(
     summary = {"medsr_version": _version(), "model": bundle.name, "started": _now()}
     records, planned = [], {}
     for job in jobs:
-        output = outdir / job.output_name(settings.fmt or job.default_format(), bundle.scale)
+        fmt = settings.fmt or job.default_format()
+        output = outdir / job.output_name(fmt, bundle.scale)
+        if output in planned:
+            output = outdir / job.output_name(fmt, bundle.scale, unique=True)
         record = {"input": str(job.source), "series": job.series, "output": str(output)}
         if output in planned:
             message = f"{job.source}: output name {output.name} is also that of {planned[output]}"
@@ -354,7 +357,11 @@ def _run_job(job, output: Path, bundle, open_pipeline, settings: InferSettings, 
     except MedsrError as exc:
         return {**record, "status": "failed", "error": str(exc)}
     except Exception as exc:  # noqa: BLE001 - a bug must not stop the other jobs; it is reported as one
-        return {**record, "status": "failed", "error": f"{job.source}: unexpected error (a medsr bug): {exc!r}"}
+        return {
+            **record,
+            "status": "failed",
+            "error": f"{job.source}: unexpected error (a medsr bug): {type(exc).__name__}: {flat(exc)}",
+        }
 
 
 def _counts(records: list[dict]) -> dict:

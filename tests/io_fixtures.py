@@ -65,8 +65,16 @@ def smooth_image(shape, seed: int = 0) -> np.ndarray:
     return (image - image.min()) / np.ptp(image) * 1000.0
 
 
-def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray, dtype=np.float32, slope=None, inter=None,
-                descrip: str = "", codes=(1, 1)) -> Path:
+def write_nifti(
+    path: Path,
+    data: np.ndarray,
+    affine: np.ndarray,
+    dtype=np.float32,
+    slope=None,
+    inter=None,
+    descrip: str = "",
+    codes=(1, 1),
+) -> Path:
     """Write ``data`` as NIfTI-1 with nibabel: stored ``dtype``, optional scl_slope/inter (data given in stored units)."""
     image = nib.Nifti1Image(np.asarray(data).astype(dtype), affine)
     image.set_qform(affine, code=codes[0])
@@ -89,8 +97,17 @@ def copy_series(directory: Path, names: list[str] | None = None) -> Path:
     return directory
 
 
-def write_series(directory: Path, positions, orientation=(1, 0, 0, 0, 1, 0), uid: str | None = None,
-                 rows: int = 16, cols: int = 16, spacing=(0.5, 0.5), modify=None, prefix: str = "im") -> Path:
+def write_series(
+    directory: Path,
+    positions,
+    orientation=(1, 0, 0, 0, 1, 0),
+    uid: str | None = None,
+    rows: int = 16,
+    cols: int = 16,
+    spacing=(0.5, 0.5),
+    modify=None,
+    prefix: str = "im",
+) -> Path:
     """A synthetic series built from CT5N's first header: one slice per IPP in ``positions`` (LPS mm).
 
     ``modify(ds, k)`` may change each dataset before it is saved.
@@ -99,7 +116,7 @@ def write_series(directory: Path, positions, orientation=(1, 0, 0, 0, 1, 0), uid
     from pydicom.uid import generate_uid
 
     directory.mkdir(parents=True, exist_ok=True)
-    template = pydicom.dcmread(sorted(ct5n_dir().iterdir())[0])
+    template = pydicom.dcmread(min(ct5n_dir().iterdir()))
     series_uid = uid or generate_uid()
     for k, position in enumerate(positions):
         ds = copy.deepcopy(template)
@@ -123,7 +140,11 @@ def radiograph_crop(path: Path, size=(40, 48), origin=(900, 900)) -> Path:
     """A small DICOM cut from pydicom-data's RG1_UNCR.dcm (real CR header: MONOCHROME1, PixelSpacing 0.000)."""
     import pydicom
 
+    from pydicom.uid import generate_uid
+
     ds = pydicom.dcmread(pydicom_file("RG1_UNCR.dcm"))
+    ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     pixels = ds.pixel_array[origin[0] : origin[0] + size[0], origin[1] : origin[1] + size[1]]
     ds.Rows, ds.Columns = pixels.shape
     ds.PixelData = np.ascontiguousarray(pixels).tobytes()

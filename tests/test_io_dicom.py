@@ -11,8 +11,8 @@ from io_fixtures import (
     ct5n_dir,
     dicom_world_centres,
     nifti_world_centres,
-    radiograph_crop,
     pydicom_file,
+    radiograph_crop,
     write_series,
 )
 
@@ -38,8 +38,9 @@ def test_ct_series_is_sorted_by_position_and_matches_simpleitk():
     reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(ct5n_dir())))
     image = reader.Execute()
     np.testing.assert_array_equal(sitk.GetArrayFromImage(image).transpose(2, 1, 0), volume.data)  # HU, same order
-    itk = np.array([[[image.TransformIndexToPhysicalPoint((i, j, k)) for i in range(16)] for j in range(16)]
-                    for k in range(5)])
+    itk = np.array(
+        [[[image.TransformIndexToPhysicalPoint((i, j, k)) for i in range(16)] for j in range(16)] for k in range(5)]
+    )
     np.testing.assert_allclose(ras_centres(volume), itk, atol=1e-4)
     np.testing.assert_allclose(ras_centres(volume), dicom_world_centres(list(ct5n_dir().iterdir())), atol=1e-4)
 
@@ -56,11 +57,14 @@ def test_oblique_mr_slice_matches_simpleitk_and_applies_rescale():
     path = pydicom_file("MR2_UNCR.dcm")
     volume = load_dicom(path)
     ds = pydicom.dcmread(path)
-    np.testing.assert_allclose(volume.data[:, :, 0].T, ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        volume.data[:, :, 0].T, ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept), rtol=1e-6
+    )
     image = sitk.ReadImage(str(path))
     for index in [(0, 0, 0), (1023, 0, 0), (0, 1023, 0), (1023, 1023, 0), (511, 300, 0)]:
-        np.testing.assert_allclose(ras_centres(volume)[index[::-1]], image.TransformIndexToPhysicalPoint(index), atol=1e-4)
+        np.testing.assert_allclose(
+            ras_centres(volume)[index[::-1]], image.TransformIndexToPhysicalPoint(index), atol=1e-4
+        )
     np.testing.assert_allclose(ras_centres(volume), dicom_world_centres([path]), atol=1e-4)
 
 
@@ -82,7 +86,9 @@ def test_imager_pixel_spacing_is_the_first_fallback(tmp_path):
 def test_several_series_are_listed_or_chosen(tmp_path):
     write_series(tmp_path / "d", [(0, 0, z) for z in range(3)], uid="1.2.3.4")
     write_series(tmp_path / "d", [(0, 0, z) for z in (10, 12)], uid="1.2.3.5", prefix="other")
-    with pytest.raises(InputError, match=r"holds 2 DICOM series; choose one with --series UID: .*1\.2\.3\.4.*1\.2\.3\.5"):
+    with pytest.raises(
+        InputError, match=r"holds 2 DICOM series; choose one with --series UID: .*1\.2\.3\.4.*1\.2\.3\.5"
+    ):
         load_dicom(tmp_path / "d")
     assert load_dicom(tmp_path / "d", series="1.2.3.5").data.shape[2] == 2
     with pytest.raises(InputError, match="no series '9'"):
@@ -93,7 +99,9 @@ def test_gantry_tilt_gives_a_sheared_affine(tmp_path):
     """Slices stepping along z while shifting along y: the third column follows the positions, not the normal."""
     positions = [(0.0, 0.3 * k, 2.0 * k) for k in range(4)]
     volume = load_dicom(write_series(tmp_path / "tilt", positions))
-    np.testing.assert_allclose(ras_centres(volume), dicom_world_centres(sorted((tmp_path / "tilt").iterdir())), atol=1e-4)
+    np.testing.assert_allclose(
+        ras_centres(volume), dicom_world_centres(sorted((tmp_path / "tilt").iterdir())), atol=1e-4
+    )
 
 
 @pytest.mark.parametrize(

@@ -56,7 +56,9 @@ def test_save_keeps_codes_units_description_and_extensions(tmp_path, example4d_p
     for field in ("qform_code", "sform_code", "xyzt_units", "descrip"):
         assert out.header[field] == before.header[field], field
     assert out.header.get_zooms()[3] == pytest.approx(before.header.get_zooms()[3])
-    np.testing.assert_allclose(out.header.get_zooms()[:3], np.array(before.header.get_zooms()[:3]) / [4, 4, 1], rtol=1e-6)
+    np.testing.assert_allclose(
+        out.header.get_zooms()[:3], np.array(before.header.get_zooms()[:3]) / [4, 4, 1], rtol=1e-6
+    )
     contents = [ext.get_content() for ext in out.header.extensions]
     assert contents[:2] == [ext.get_content() for ext in before.header.extensions]
     assert out.header.extensions[-1].get_code() == COMMENT_ECODE
@@ -98,7 +100,9 @@ def test_world_coordinates_agree_with_nibabel_and_simpleitk(tmp_path):
     sr_affine = upsample_affine(volume.affine, [4, 4, 1])
     save_nifti(tmp_path / "sr.nii.gz", np.zeros((36, 28, 5)), sr_affine, volume, PROVENANCE)
     out = nib.load(tmp_path / "sr.nii.gz")
-    np.testing.assert_allclose(grid_corners_world(out.affine, out.shape), grid_corners_world(affine, (9, 7, 5)), atol=1e-4)
+    np.testing.assert_allclose(
+        grid_corners_world(out.affine, out.shape), grid_corners_world(affine, (9, 7, 5)), atol=1e-4
+    )
     itk_out = sitk.ReadImage(str(tmp_path / "sr.nii.gz"))
     corners = [(i, j, k) for i in (-0.5, 35.5) for j in (-0.5, 27.5) for k in (-0.5, 4.5)]
     itk_corners = np.array([LPS @ np.array(itk_out.TransformContinuousIndexToPhysicalPoint(c)) for c in corners])

@@ -77,8 +77,10 @@ def test_eight_bit_output_clips_and_counts(tmp_path):
     [
         (lambda p: Image.new("RGB", (8, 8)).save(p), "RGB image; medsr reads grayscale"),
         (lambda p: Image.new("P", (8, 8)).save(p), "P image"),
-        (lambda p: Image.new("L", (8, 8)).save(p, save_all=True, append_images=[Image.new("L", (8, 8))]),
-         "multi-page file"),
+        (
+            lambda p: Image.new("L", (8, 8)).save(p, save_all=True, append_images=[Image.new("L", (8, 8))]),
+            "multi-page file",
+        ),
         (lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 30), "unreadable or corrupt"),
     ],
 )

@@ -9,12 +9,13 @@ blend window suppresses. Any misplaced crop, latent offset or noise crop would s
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 import pytest
 from io_fixtures import pydicom_file
 
-import medsr.engine.tiling as tiling
+from medsr.engine import tiling
 from medsr.engine.bundle import load_bundle
 from medsr.engine.pipeline import LatentSRPipeline, SamplingOptions
 from medsr.engine.schedulers import SchedulerConfig
@@ -31,7 +32,7 @@ from medsr.io.normalize import fit_window, normalize
 def test_tiles_cover_the_image_with_at_least_the_overlap(length, tile, overlap):
     origins = tiling.tile_origins(length, tile, overlap)
     assert origins[0] == 0 and origins[-1] + tile == max(length, tile)
-    assert all(b - a <= tile - overlap for a, b in zip(origins, origins[1:]))
+    assert all(b - a <= tile - overlap for a, b in itertools.pairwise(origins))
 
 
 @pytest.mark.parametrize(("length", "tile", "overlap"), [(232, 128, 32), (96, 32, 16), (400, 64, 48)])
@@ -109,7 +110,7 @@ def test_tiled_random_model_has_no_seams(tiny, mr_slice, size, overlap, monkeypa
     monkeypatch.setattr(tiling, "blend_window", _box_windows)
     stitched = pipeline.super_resolve(mr_slice, tiled_options).images[0]
     origins = tiling.tile_origins(96, size, overlap)
-    cuts = [4 * ((a + size + b) // 2) for a, b in zip(origins, origins[1:])]
+    cuts = [4 * ((a + size + b) // 2) for a, b in itertools.pairwise(origins)]
     assert np.abs(blended - whole).mean() < 0.03 * np.ptp(whole)
     assert _roughness_at(blended - whole, cuts) < 1.0 < _roughness_at(stitched - whole, cuts)
 

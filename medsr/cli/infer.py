@@ -112,12 +112,13 @@ def infer(
     existing outputs are skipped, and OUTPUT/medsr_summary.json records every input.
     """
     from medsr.engine.pipeline import SamplingOptions
+    from medsr.engine.tiling import check_tile_options
     from medsr.errors import InputError, MedsrError
     from medsr.infer import InferSettings
     from medsr.io.inputs import expand_inputs
     from medsr.io.limits import parse_size
 
-    jobs, batch = expand_inputs(inputs, series)
+    jobs, batch = expand_inputs(inputs, series, output)
     if batch and series is not None:
         raise InputError("--series chooses among one directory's series; a batch runs every series")
     if batch and output is None:
@@ -142,6 +143,8 @@ def infer(
         overwrite=overwrite,
     )
     bundle = _load_bundle(model)
+    if options.tile_size is not None:
+        check_tile_options(options.tile_size, tile_overlap, bundle.lr_multiple)
     pipeline = functools.cache(lambda: _open_pipeline(bundle, engine, device, sampler, threads))
     if batch:
         failed = _run_batch(jobs, output, bundle, pipeline, settings)

@@ -15,6 +15,7 @@ slice step vector, and the first slice's IPP.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections.abc import Iterable
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from medsr.errors import InputError
-from medsr.io.image import Volume, check_finite, require
+from medsr.io.image import Volume, check_finite, check_input_file, collect_logs, flat, require
 from medsr.io.limits import MemoryLimit
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
@@ -110,7 +111,7 @@ def _read(path: Path, pixels: bool):
             return dataset
         except Exception as exc:  # pydicom raises many types for corrupt or truncated files
             kind = "not a DICOM file" if isinstance(exc, pydicom.errors.InvalidDicomError) else "unreadable DICOM"
-            raise InputError(f"{path}: {kind}: {exc}") from exc
+            raise InputError(f"{path}: {kind}: {flat(exc)}") from exc
 
 
 def scan_series(files: Iterable[Path], failures: list[tuple[Path, InputError]] | None = None) -> dict[str, SeriesEntry]:
@@ -120,7 +121,8 @@ def scan_series(files: Iterable[Path], failures: list[tuple[Path, InputError]] |
     groups: dict[str, list[tuple[Path, object]]] = {}
     for path in files:
         try:
-            header = _read(path, pixels=False)
+            with collect_logs("pydicom"):  # the load reports what matters; a scan stays quiet
+                header = _read(path, pixels=False)
         except InputError as exc:
             if failures is None:
                 raise
@@ -281,7 +283,7 @@ def _pixels(path: Path, dataset) -> tuple[np.ndarray, tuple[float, float]]:
             stored = dataset.pixel_array
             values = apply_modality_lut(stored, dataset)
         except Exception as exc:  # missing decoders, truncated pixel data, bad LUTs
-            raise InputError(f"{path}: cannot decode pixel data: {exc}") from exc
+            raise InputError(f"{path}: cannot decode pixel data: {flat(exc)}") from exc
     rows, cols = _int(dataset, "Rows"), _int(dataset, "Columns")
     if stored.shape != (rows, cols):
         raise InputError(f"{path}: pixel data of shape {stored.shape} for Rows x Columns {rows} x {cols}")
@@ -299,16 +301,24 @@ def load_dicom(
 ) -> Volume:
     """Read a DICOM series directory, or one DICOM file, as a Volume (X = columns, Y = rows, Z = slices).
 
+    What pydicom would print (e.g. excess pixel padding) becomes the Volume's notes.
+
     Raises:
         InputError: no DICOM image, several series and none chosen, corrupt or truncated files, inconsistent
             slices (size, orientation, uneven spacing, repeated positions), colour or multi-frame images, pixel data
             that cannot be decoded, an image too large for ``limit``, NaN/Inf values.
     """
     path = Path(path)
+    with collect_logs("pydicom") as messages:
+        volume = _load(path, series, limit, repair_nonfinite)
+    return dataclasses.replace(volume, notes=volume.notes + tuple(dict.fromkeys(messages)))
+
+
+def _load(path: Path, series: str | None, limit: MemoryLimit | None, repair_nonfinite: bool) -> Volume:
     if not path.exists():
         raise InputError(f"{path}: file not found")
-    if path.is_file() and path.stat().st_size == 0:
-        raise InputError(f"{path}: file is empty")
+    if not path.is_dir():
+        check_input_file(path, "a DICOM file")
     files = dicom_files(path) if path.is_dir() else [path]
     entry = choose_series(path, scan_series(files), series)
     first = entry.header

@@ -21,7 +21,7 @@ from medsr.errors import InputError
 from medsr.io.atomic import atomic_dir, atomic_path
 from medsr.io.dicom import LPS_TO_RAS, DicomSeries, read_floats
 from medsr.io.dtypes import quantize
-from medsr.io.image import Volume, require
+from medsr.io.image import Volume, collect_logs, flat, require
 
 #: Attributes that describe the old pixel grid and would be wrong on the new one.
 STALE_KEYWORDS = (
@@ -171,8 +171,9 @@ def save_dicom(
 def _write(ds, path: Path, source: Path) -> None:
     """Save one file; a source attribute pydicom cannot encode becomes an InputError (disk errors stay OSError)."""
     try:
-        ds.save_as(path, enforce_file_format=True)
+        with collect_logs("pydicom"):
+            ds.save_as(path, enforce_file_format=True)
     except OSError:
         raise
     except Exception as exc:  # pydicom raises ValueError, TypeError, struct.error... for unencodable values
-        raise InputError(f"{source}: cannot write the SR series as DICOM: {exc}") from exc
+        raise InputError(f"{source}: cannot write the SR series as DICOM: {flat(exc)}") from exc

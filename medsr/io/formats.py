@@ -71,7 +71,7 @@ def output_format(output: Path | None, requested: str | None, source: Volume) ->
     Raises:
         InputError: a suffix that contradicts ``--format``; PNG/TIFF for a volume; DICOM for a non-DICOM source.
     """
-    suffix_format = _format_of_name(output) if output is not None else None
+    suffix_format = format_of_name(output) if output is not None else None
     if requested and suffix_format and suffix_format != requested:
         raise InputError(f"{output}: the file name says {suffix_format.upper()} but --format is {requested}")
     fmt = requested or suffix_format or ("nifti" if source.format in ("nifti", "dicom") else source.format)
@@ -87,7 +87,8 @@ def output_format(output: Path | None, requested: str | None, source: Volume) ->
     return fmt
 
 
-def _format_of_name(path: Path) -> str | None:
+def format_of_name(path: Path) -> str | None:
+    """The output format a file name implies (by suffix), or None."""
     if is_nifti(path):
         return "nifti"
     if raster_format(path):

@@ -8,7 +8,11 @@ volume with Z = 1. ``affine`` (4, 4) maps voxel centre indices (i, j, k) to RAS+
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import logging
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +64,18 @@ class Volume:
         return self.data.shape[3] if self.data.ndim == 4 else 1
 
 
+def check_input_file(path: Path, what: str) -> None:
+    """Refuse a ``path`` that is missing, a directory, unreadable or empty, naming it (``what``: e.g. "a NIfTI file")."""
+    if not path.exists():
+        raise InputError(f"{path}: file not found")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, expected {what}")
+    if not os.access(path, os.R_OK):
+        raise InputError(f"{path}: permission denied: cannot read it")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: file is empty")
+
+
 def check_finite(path: Path, data: np.ndarray, repair: bool) -> tuple[np.ndarray, str | None]:
     """Refuse NaN/Inf voxels, or with ``repair`` replace NaN and -Inf by the finite minimum and +Inf by the maximum.
 
@@ -88,3 +104,27 @@ def require(module: str, extra: str, purpose: str):
         return importlib.import_module(module)
     except ImportError as exc:
         raise InputError(f"{purpose} needs {module.split('.')[0]}: pip install 'medsr[{extra}]'") from exc
+
+
+def flat(exc: BaseException) -> str:
+    """A third-party exception's message on one line (some span several), for a one-line InputError."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+@contextlib.contextmanager
+def collect_logs(name: str) -> Iterator[list[str]]:
+    """Collect the messages of the library logger ``name`` instead of letting them print: nibabel and pydicom log
+    warnings to stderr (header repairs, excess pixel padding), which medsr reports once, as notes."""
+    logger = logging.getLogger(name)
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(" ".join(record.getMessage().split()))
+
+    handlers, propagate = logger.handlers[:], logger.propagate
+    logger.handlers, logger.propagate = [Collect()], False
+    try:
+        yield messages
+    finally:
+        logger.handlers, logger.propagate = handlers, propagate

@@ -1,10 +1,10 @@
 """Turning ``medsr-infer`` arguments into jobs: one image, or a batch of files, directories and glob patterns.
 
-One argument naming a file, or a directory that directly holds DICOM files, is a single job (a directory with
-several series needs ``--series``). Anything else is a batch: several arguments, a glob pattern, or a directory
-without DICOM files of its own. A batch directory is searched recursively: every NIfTI, PNG or TIFF file is a job, and
-the DICOM files of each directory are one job per series (so a folder of radiographs gives one job per radiograph,
-a CT series one job).
+One argument naming a file, or a directory that directly holds the DICOM files of one series (or of several, with
+``--series`` choosing one or a file named as the output), is a single job. Anything else is a batch: several
+arguments, a glob pattern, or any other directory. A batch directory is searched recursively: every NIfTI, PNG or TIFF file is a job, and
+the DICOM files of each directory are one job per series (a CT series is one job), except images without a position
+in space (radiographs), which are one job each.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medsr.errors import InputError
-from medsr.io.formats import OUTPUT_SUFFIX
+from medsr.io.formats import OUTPUT_SUFFIX, format_of_name
 from medsr.io.nifti import is_nifti
 from medsr.io.raster import raster_format
 
@@ -26,17 +26,19 @@ GLOB_CHARS = "*?["
 @dataclass(frozen=True)
 class Job:
     """One image to super-resolve: ``source`` (file or DICOM directory), its DICOM ``series`` UID when chosen, the
-    ``stem`` of its output name, and ``files``: how many files the series has (1 for anything but DICOM)."""
+    ``stem`` of its output name, ``unique_stem`` for when another job of a batch has the same stem, and ``files``:
+    how many files the series has (1 for anything but DICOM)."""
 
     source: Path
     stem: str
     series: str | None = None
     files: int = 1
+    unique_stem: str = ""
 
-    def output_name(self, fmt: str, scale: int) -> str:
+    def output_name(self, fmt: str, scale: int, unique: bool = False) -> str:
         """``<stem>_sr<scale>x`` with the format's suffix (none for a DICOM series, which is a directory)."""
         suffix = "" if fmt == "dicom" and self.files > 1 else OUTPUT_SUFFIX[fmt]
-        return f"{self.stem}_sr{scale}x{suffix}"
+        return f"{(self.unique_stem or self.stem) if unique else self.stem}_sr{scale}x{suffix}"
 
     def default_format(self) -> str:
         """NIfTI for NIfTI and DICOM inputs, the same format for PNG and TIFF."""
@@ -48,6 +50,11 @@ def _stem(path: Path) -> str:
     return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else path.stem
 
 
+def _file_job(path: Path) -> Job:
+    """A job for one file; its unique stem keeps the suffix (``x.nii`` and ``x.nii.gz`` -> ``x_nii``, ``x_nii_gz``)."""
+    return Job(path, _stem(path), unique_stem=path.name.replace(".", "_"))
+
+
 def _dicom_jobs(directory: Path, files: list[Path]) -> list[Job]:
     """One job per series among ``files`` (DICOM files of ``directory``); an unreadable file is a job of its own,
     which fails with its message when run."""
@@ -55,14 +62,16 @@ def _dicom_jobs(directory: Path, files: list[Path]) -> list[Job]:
 
     failures: list = []
     series = scan_series(files, failures)
-    jobs = [Job(path, _stem(path)) for path, _ in failures]
+    jobs = [_file_job(path) for path, _ in failures]
     for entry in series.values():
-        if len(entry.files) == 1:
-            stem = _stem(entry.files[0])
+        if len(entry.files) == 1 or any("ImagePositionPatient" not in h for h in entry.headers):
+            for file in entry.files:  # one image, or projection images (radiographs) that share a series
+                job = _file_job(file)
+                jobs.append(Job(job.source, job.stem, entry.uid, 1, job.unique_stem))
         else:
             number = entry.header.get("SeriesNumber")
             stem = directory.name + (f"_s{number}" if len(series) > 1 else "")
-        jobs.append(Job(directory if len(entry.files) > 1 else entry.files[0], stem, entry.uid, len(entry.files)))
+            jobs.append(Job(directory, stem, entry.uid, len(entry.files), f"{directory.name}_{entry.uid}"))
     return jobs
 
 
@@ -75,21 +84,31 @@ def _walk(directory: Path) -> list[Job]:
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         paths = [Path(root) / name for name in sorted(names) if not name.startswith(".")]
         images = [p for p in paths if is_nifti(p) or raster_format(p)]
-        jobs += [Job(p, _stem(p)) for p in images]
+        jobs += [_file_job(p) for p in images]
         dicoms = [p for p in paths if p not in images and is_dicom_file(p)]
         if dicoms:
             jobs += _dicom_jobs(Path(root), dicoms)
     return jobs
 
 
-def _is_series_dir(path: Path) -> bool:
-    from medsr.io.dicom import dicom_files
+def _is_single_directory(path: Path, series: str | None, output: Path | None) -> bool:
+    """Whether a lone directory argument is one DICOM input: it directly holds DICOM files and no other images, and
+    either one series, or ``--series`` chooses one, or the output is a file (then the load lists the series)."""
+    from medsr.io.dicom import dicom_files, scan_series
 
-    return path.is_dir() and bool(dicom_files(path))
+    files = dicom_files(path)
+    if not files or any(is_nifti(p) or raster_format(p) for p in path.iterdir()):
+        return False
+    if series is not None or len(scan_series(files, failures=[])) <= 1:
+        return True
+    return output is None or format_of_name(output) is not None
 
 
-def expand_inputs(arguments: Sequence[str], series: str | None = None) -> tuple[list[Job], bool]:
-    """The jobs named by the command line's INPUT arguments, and whether they form a batch.
+def expand_inputs(
+    arguments: Sequence[str], series: str | None = None, output: Path | None = None
+) -> tuple[list[Job], bool]:
+    """The jobs named by the command line's INPUT arguments, and whether they form a batch (``output``: the -o
+    path, which tells a directory of several DICOM series meant as a batch from one meant as a single input).
 
     Raises:
         InputError: no argument, or a batch whose arguments match nothing.
@@ -98,8 +117,11 @@ def expand_inputs(arguments: Sequence[str], series: str | None = None) -> tuple[
         raise InputError("no input given")
     single = Path(arguments[0])
     is_pattern = any(c in arguments[0] for c in GLOB_CHARS) and not single.exists()
-    if len(arguments) == 1 and not is_pattern and (not single.is_dir() or _is_series_dir(single)):
-        return [Job(single, single.name if single.is_dir() else _stem(single), series)], False
+    if len(arguments) == 1 and not is_pattern:
+        if not single.is_dir():
+            return [Job(single, _stem(single), series)], False
+        if _is_single_directory(single, series, output):
+            return [Job(single, single.name, series)], False
     jobs: list[Job] = []
     for argument in arguments:
         matches = sorted(glob.glob(argument, recursive=True)) if any(c in argument for c in GLOB_CHARS) else []
@@ -107,7 +129,7 @@ def expand_inputs(arguments: Sequence[str], series: str | None = None) -> tuple[
             if path.is_dir():
                 jobs += _walk(path)
             else:
-                jobs.append(Job(path, _stem(path)))
+                jobs.append(_file_job(path))
     if not jobs:
         raise InputError(f"no image found in {', '.join(arguments)}")
     return jobs, True

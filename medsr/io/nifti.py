@@ -9,6 +9,7 @@ codes set explicitly (a copied header would otherwise reset them, REFERENCE.md s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -18,7 +19,7 @@ import numpy as np
 from medsr.errors import InputError
 from medsr.io.atomic import atomic_path
 from medsr.io.dtypes import quantize
-from medsr.io.image import FLOAT32, Volume, check_finite
+from medsr.io.image import FLOAT32, Volume, check_finite, check_input_file, collect_logs, flat
 from medsr.io.limits import MemoryLimit
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -34,15 +35,6 @@ def is_nifti(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
-def _check_file(path: Path) -> None:
-    if not path.exists():
-        raise InputError(f"{path}: file not found")
-    if path.is_dir():
-        raise InputError(f"{path}: is a directory, expected a NIfTI file")
-    if path.stat().st_size == 0:
-        raise InputError(f"{path}: file is empty")
-
-
 def _open(path: Path):
     """nibabel image with its header parsed and its voxels not yet read."""
     import nibabel as nib
@@ -50,7 +42,7 @@ def _open(path: Path):
     try:
         image = nib.load(str(path))
     except Exception as exc:  # a corrupt header can fail anywhere inside nibabel's parser
-        raise InputError(f"{path}: unreadable or corrupt NIfTI: {exc}") from exc
+        raise InputError(f"{path}: unreadable or corrupt NIfTI: {flat(exc)}") from exc
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
         raise InputError(f"{path}: not a NIfTI image ({type(image).__name__})")
     return image
@@ -72,12 +64,21 @@ def _spatial_shape(path: Path, shape: tuple[int, ...]) -> tuple[int, ...]:
 def load_nifti(path: str | os.PathLike, limit: MemoryLimit | None = None, repair_nonfinite: bool = False) -> Volume:
     """Read a 2D, 3D or 4D NIfTI file as float32 with its scaling applied (2D becomes (X, Y, 1)).
 
+    The header repairs nibabel makes (and would print: ``sform_code 123 not valid; setting to 0``) become the
+    Volume's notes.
+
     Raises:
         InputError: missing, empty, unreadable, corrupt or truncated file; unsupported data type (complex, RGB);
             too large for ``limit``; NaN or Inf voxels (unless ``repair_nonfinite``).
     """
     path = Path(path)
-    _check_file(path)
+    check_input_file(path, "a NIfTI file")
+    with collect_logs("nibabel.global") as messages:
+        volume = _read(path, limit, repair_nonfinite)
+    return dataclasses.replace(volume, notes=volume.notes + tuple(dict.fromkeys(messages)))
+
+
+def _read(path: Path, limit: MemoryLimit | None, repair_nonfinite: bool) -> Volume:
     image = _open(path)
     try:
         stored = np.dtype(image.get_data_dtype())
@@ -85,7 +86,7 @@ def load_nifti(path: str | os.PathLike, limit: MemoryLimit | None = None, repair
     except InputError:
         raise
     except Exception as exc:  # header fields nibabel cannot interpret
-        raise InputError(f"{path}: corrupt NIfTI header: {exc}") from exc
+        raise InputError(f"{path}: corrupt NIfTI header: {flat(exc)}") from exc
     if stored.kind not in READABLE_KINDS or stored.fields is not None:
         raise InputError(f"{path}: unsupported NIfTI data type {stored}; medsr reads integer and float images")
     if limit is not None:
@@ -98,7 +99,7 @@ def load_nifti(path: str | os.PathLike, limit: MemoryLimit | None = None, repair
     try:
         data = np.asarray(image.get_fdata(dtype=np.float32), dtype=np.float32).reshape(shape)
     except Exception as exc:  # truncated or corrupt data: EOFError, zlib.error, ValueError, OSError...
-        raise InputError(f"{path}: unreadable, corrupt or truncated NIfTI data: {exc}") from exc
+        raise InputError(f"{path}: unreadable, corrupt or truncated NIfTI data: {flat(exc)}") from exc
     data, note = check_finite(path, data, repair_nonfinite)
     header = image.header.copy()  # nibabel moved scl_slope/scl_inter into the data proxy: put them back
     header.set_slope_inter(*_proxy_scaling(image))
@@ -176,6 +177,6 @@ def save_nifti(
         image.header["descrip"] = summary.encode("ascii", "replace")[:79]
     comment = json.dumps({"medsr": provenance}, sort_keys=True).encode("utf-8")
     image.header.extensions.append(nib.nifti1.Nifti1Extension(COMMENT_ECODE, comment))
-    with atomic_path(path, overwrite=overwrite) as tmp:
+    with atomic_path(path, overwrite=overwrite) as tmp, collect_logs("nibabel.global"):
         nib.save(image, str(tmp))
     return clipped

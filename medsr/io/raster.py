@@ -18,7 +18,7 @@ import numpy as np
 from medsr.errors import InputError
 from medsr.io.atomic import atomic_path
 from medsr.io.dtypes import quantize
-from medsr.io.image import Volume, check_finite, require
+from medsr.io.image import Volume, check_finite, check_input_file, flat, require
 from medsr.io.limits import MemoryLimit
 
 RASTER_SUFFIXES = {".png": "png", ".tif": "tiff", ".tiff": "tiff"}
@@ -68,10 +68,8 @@ def load_raster(path: str | os.PathLike, limit: MemoryLimit | None = None, repai
     Image = require("PIL.Image", "io", "reading PNG and TIFF")
     path = Path(path)
     fmt = raster_format(path)
-    if not path.exists():
-        raise InputError(f"{path}: file not found")
-    if path.stat().st_size == 0:
-        raise InputError(f"{path}: file is empty")
+    check_input_file(path, f"a {fmt.upper()} file")
+    bomb_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # medsr's own MemoryLimit applies instead
     try:
         with Image.open(path) as image:
             if image.mode not in MODES:
@@ -85,7 +83,9 @@ def load_raster(path: str | os.PathLike, limit: MemoryLimit | None = None, repai
     except InputError:
         raise
     except Exception as exc:  # Pillow raises many types for corrupt or truncated files
-        raise InputError(f"{path}: unreadable or corrupt {fmt.upper()}: {exc}") from exc
+        raise InputError(f"{path}: unreadable or corrupt {fmt.upper()}: {flat(exc)}") from exc
+    finally:
+        Image.MAX_IMAGE_PIXELS = bomb_limit
     stored = np.dtype(MODES[image.mode])
     data = np.ascontiguousarray(pixels.T[:, :, None], dtype=np.float32)
     data, note = check_finite(path, data, repair_nonfinite)
