@@ -64,9 +64,9 @@ def super_resolve_volume(
     """Super-resolve every slice of ``data`` (X, Y, Z) or (X, Y, Z, T) along spatial ``axis``.
 
     The intensity ``window`` is fitted on the whole volume (all frames) unless given, so every slice shares one
-    mapping; ``invert`` maps the window's high end to -1 (MONOCHROME1). Slice i of frame k is seeded with index k * n_slices + i, so each
-    output voxel is reproducible on its own. Slices go to the pipeline ``options.batch_size`` at a time and are
-    written straight into the output volume.
+    mapping; ``invert`` maps the window's high end to -1 (MONOCHROME1). Slice i of frame k is seeded with index
+    k * n_slices + i, so each output voxel is reproducible on its own. Slices go to the pipeline
+    ``options.batch_size`` at a time and are written straight into the output volume.
     """
     if axis not in (0, 1, 2):
         raise InputError(f"slice axis must be 0, 1 or 2, got {axis}")
@@ -289,7 +289,8 @@ def describe(record: dict) -> str:
     shape_in = "x".join(map(str, record["input_shape"]))
     shape_out = "x".join(map(str, record["output_shape"]))
     text = (
-        f"wrote {record['output']}: {record['slices']} slice{'s' if record['slices'] != 1 else ''} along axis {record['axis']}, {shape_in} -> {shape_out} "
+        f"wrote {record['output']}: {record['slices']} slice{'s' if record['slices'] != 1 else ''} along axis "
+        f"{record['axis']}, {shape_in} -> {shape_out} "
         f"({record['format']}, {record['dtype']}), {record['seconds']:.1f} s, "
         f"{100 * record['clipped_input_fraction']:.2f}% of input voxels clipped to the intensity window"
     )

@@ -75,7 +75,7 @@ def write_nifti(
     descrip: str = "",
     codes=(1, 1),
 ) -> Path:
-    """Write ``data`` as NIfTI-1 with nibabel: stored ``dtype``, optional scl_slope/inter (data given in stored units)."""
+    """Write ``data`` as NIfTI-1 with nibabel: stored ``dtype``, optional scl_slope/inter (``data`` in stored units)."""
     image = nib.Nifti1Image(np.asarray(data).astype(dtype), affine)
     image.set_qform(affine, code=codes[0])
     image.set_sform(affine, code=codes[1])
@@ -139,7 +139,6 @@ def write_series(
 def radiograph_crop(path: Path, size=(40, 48), origin=(900, 900)) -> Path:
     """A small DICOM cut from pydicom-data's RG1_UNCR.dcm (real CR header: MONOCHROME1, PixelSpacing 0.000)."""
     import pydicom
-
     from pydicom.uid import generate_uid
 
     ds = pydicom.dcmread(pydicom_file("RG1_UNCR.dcm"))

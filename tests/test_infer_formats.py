@@ -4,6 +4,8 @@ back by independent readers (nibabel, SimpleITK, pydicom) and intensities checke
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -130,3 +132,41 @@ def test_output_is_in_the_input_units(tiny_bundle, invert):
     expected = np.clip(data, low, high).repeat(4, axis=0).repeat(4, axis=1)
     np.testing.assert_allclose(result.data, expected, atol=1e-3 * (high - low))
     assert result.clipped_fraction == pytest.approx(np.mean((data < low) | (data > high)))
+
+
+def test_io_modules_import_no_torch_and_no_reader_until_needed():
+    """medsr.io, tiling and medsr-infer import neither torch nor the format libraries before an image needs them."""
+    modules = (
+        "medsr.io.formats, medsr.io.inputs, medsr.io.dicom, medsr.io.dicom_write, medsr.io.raster, "
+        "medsr.io.limits, medsr.engine.tiling, medsr.infer, medsr.cli.infer"
+    )
+    code = (
+        f"import sys; sys.modules['torch'] = None; sys.modules['diffusers'] = None; import {modules}; "
+        "print(','.join(m for m in ('pydicom', 'PIL', 'nibabel', 'SimpleITK') if m in sys.modules))"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 0 and run.stdout.strip() == "", run.stderr
+
+
+def test_tiled_radiograph_runs_without_torch(tiny_bundle, tmp_path):
+    source = radiograph_crop(tmp_path / "cr.dcm")
+    main = (
+        "import sys; sys.modules['torch'] = None; from medsr.cli.infer import main; sys.argv[0] = 'medsr-infer'; main()"
+    )
+    args = [
+        str(source),
+        "-o",
+        str(tmp_path / "sr.tif"),
+        "--tile",
+        "16",
+        "--tile-overlap",
+        "8",
+        "--model",
+        str(tiny_bundle),
+        "--steps",
+        "1",
+    ]
+    run = subprocess.run([sys.executable, "-c", main, *args], capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr
+    out = np.asarray(Image.open(tmp_path / "sr.tif"))
+    assert out.shape == (160, 192) and np.isfinite(out).all() and out.std() > 0

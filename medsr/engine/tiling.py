@@ -14,6 +14,12 @@ Blending: each SR tile is weighted by a separable window that is 1 inside and ra
 each neighbour (cos^2 toward it), so two neighbours' weights sum to 1 across their overlap, and the tile's outermost
 pixels, where its convolutions saw zero padding, weigh almost nothing. The blend is divided by the summed weights,
 which on a product grid of tiles is the outer product of the row and column sums.
+
+Memory, measured with ``medsr-infer`` on a 2000x2000 radiograph (RG1_UNCR padded) at x4, tiny bundle, tiles of 128
+with overlap 32 (441 tiles), batch 4, on 2 CPU cores: peak RSS 1.85 GiB = about 0.1 GiB of runtime, about 0.6 GiB of
+model working memory for one batch of tiles (fixed by the tile size, not the image), and about 20 bytes per output
+pixel for the image arrays (8000x8000 output). 500x500 and 1000x1000 inputs peaked at 0.79 and 1.03 GiB. Untiled,
+the same decoder would hold 16-channel float32 activations of 8000x8000 (4 GiB each).
 """
 
 from __future__ import annotations

@@ -44,7 +44,8 @@ class DicomSeries:
     ``datasets`` are the source headers without pixel data, in slice order (k = 0, 1, ...); ``rescale`` holds each
     slice's (RescaleSlope, RescaleIntercept); ``bits_stored`` and ``signed`` bound the stored values;
     ``has_geometry``: the source carried ImagePositionPatient and ImageOrientationPatient; ``spacing_known``: it
-    carried a valid PixelSpacing or ImagerPixelSpacing; ``modality_lut_sequence``: values went through a (non-invertible) Modality LUT Sequence.
+    carried a valid PixelSpacing or ImagerPixelSpacing; ``modality_lut_sequence``: values went through a
+    (non-invertible) Modality LUT Sequence.
     """
 
     datasets: tuple

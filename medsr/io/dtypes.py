@@ -65,7 +65,9 @@ def quantize(
     scaled = np.asarray(values, dtype=work)
     if slope != 1.0 or inter != 0.0:
         scaled = (scaled - work(inter)) / work(slope)
-    scaled = np.rint(scaled)
+        np.rint(scaled, out=scaled)
+    else:
+        scaled = np.rint(scaled)  # a new array: ``values`` stays untouched
     clipped = float(np.count_nonzero((scaled < low) | (scaled > high))) / max(scaled.size, 1)
     np.clip(scaled, low, high, out=scaled)
     return scaled.astype(dtype), clipped

@@ -65,7 +65,7 @@ class Volume:
 
 
 def check_input_file(path: Path, what: str) -> None:
-    """Refuse a ``path`` that is missing, a directory, unreadable or empty, naming it (``what``: e.g. "a NIfTI file")."""
+    """Refuse a ``path`` that is missing, a directory, unreadable or empty, naming it (``what``: "a NIfTI file")."""
     if not path.exists():
         raise InputError(f"{path}: file not found")
     if path.is_dir():

@@ -2,9 +2,9 @@
 
 One argument naming a file, or a directory that directly holds the DICOM files of one series (or of several, with
 ``--series`` choosing one or a file named as the output), is a single job. Anything else is a batch: several
-arguments, a glob pattern, or any other directory. A batch directory is searched recursively: every NIfTI, PNG or TIFF file is a job, and
-the DICOM files of each directory are one job per series (a CT series is one job), except images without a position
-in space (radiographs), which are one job each.
+arguments, a glob pattern, or any other directory. A batch directory is searched recursively: every NIfTI, PNG or
+TIFF file is a job, and the DICOM files of each directory are one job per series (a CT series is one job), except
+images without a position in space (radiographs), which are one job each.
 """
 
 from __future__ import annotations

@@ -18,8 +18,10 @@ from medsr.errors import InputError
 
 #: Bytes per input voxel: the float32 image, a float64 transient while normalizing, the float32 normalized copy.
 IN_BYTES_PER_VOXEL = 16
-#: Bytes per output voxel: the engine's float32 SR slices, the float32 output volume, its converted copy for writing.
-OUT_BYTES_PER_VOXEL = 12
+#: Bytes per output voxel: the tile blend and the engine's SR slice, the denormalized output, its conversion for
+#: writing. Measured: peak RSS grew by 18-21 bytes per output pixel from 500x500 to 2000x2000 radiographs at x4
+#: (tiny bundle, tiles of 128; 2026-11-26), so a 2000x2000 radiograph needs about 1.2 GiB of image arrays.
+OUT_BYTES_PER_VOXEL = 20
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
