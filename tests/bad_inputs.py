@@ -69,7 +69,7 @@ def _dicom_files(root: Path) -> list[BadCase]:
     cases.append(BadCase("dicom_empty", [str(inp / "empty.dcm")], "file is empty", str(inp / "empty.dcm")))
     truncated = copy_series(inp / "ct_truncated")
     _truncate(sorted(truncated.iterdir())[2], 0.7)
-    cases.append(BadCase("dicom_truncated", [str(truncated)], "pixel data", str(truncated)))
+    cases.append(BadCase("dicom_truncated", [str(truncated)], "no pixel data after the header (a truncated", "2693"))
     (inp / "no_images").mkdir()
     (inp / "no_images" / "README.dcm").write_bytes(b"not an image")
     cases.append(BadCase("dicom_dir_without_images", [str(inp / "no_images")], "not a DICOM file", "README.dcm"))
@@ -109,7 +109,7 @@ def _dicom_files(root: Path) -> list[BadCase]:
             "dicom_dtype_for_dicom_output",
             [str(cr), "--format", "dicom", "--dtype", "float32", "-o", str(root / "out" / "cr.dcm")],
             "--dtype float32",
-            None,
+            str(cr),
         )
     )
     return cases
@@ -239,7 +239,7 @@ def _raster_files(root: Path) -> list[BadCase]:
             "png_float_output",
             [str(xray), "--dtype", "float32", "-o", str(root / "out" / "f.png")],
             "PNG output cannot hold float32",
-            None,
+            str(xray),
         )
     )
     float_tiff = inp / "inf.tif"

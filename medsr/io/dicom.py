@@ -110,9 +110,10 @@ def _read(path: Path, pixels: bool):
             for _ in dataset:  # decode every top-level element now, so a malformed value fails here, not later
                 pass
             return dataset
+        except pydicom.errors.InvalidDicomError as exc:
+            raise InputError(f"{path}: not a DICOM file (no DICM preamble and no file meta information)") from exc
         except Exception as exc:  # pydicom raises many types for corrupt or truncated files
-            kind = "not a DICOM file" if isinstance(exc, pydicom.errors.InvalidDicomError) else "unreadable DICOM"
-            raise InputError(f"{path}: {kind}: {flat(exc)}") from exc
+            raise InputError(f"{path}: unreadable DICOM: {flat(exc)}") from exc
 
 
 def scan_series(files: Iterable[Path], failures: list[tuple[Path, InputError]] | None = None) -> dict[str, SeriesEntry]:
@@ -278,6 +279,8 @@ def _pixels(path: Path, dataset) -> tuple[np.ndarray, tuple[float, float]]:
     """Modality values (rows, cols) float32 of one file, and its (slope, intercept)."""
     from pydicom.pixels import apply_modality_lut
 
+    if "PixelData" not in dataset:
+        raise InputError(f"{path}: no pixel data after the header (a truncated file?)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:

@@ -31,7 +31,8 @@ def resolve_dtype(choice: str, fmt: str, source: Volume) -> np.dtype:
     if fmt == "dicom":
         if choice not in ("auto", "input") and np.dtype(choice) != stored:
             raise InputError(
-                f"--format dicom writes the source's pixel type ({stored}); --dtype {choice} is not possible"
+                f"{source.path}: --format dicom writes the source's pixel type ({stored}); "
+                f"--dtype {choice} is not possible"
             )
         return stored
     if choice == "auto":
@@ -42,7 +43,7 @@ def resolve_dtype(choice: str, fmt: str, source: Volume) -> np.dtype:
     allowed = FORMAT_DTYPES[fmt] + ((stored.name,) if fmt == "nifti" and choice == "input" else ())
     if dtype.name not in allowed:
         raise InputError(
-            f"{fmt.upper()} output cannot hold {dtype} pixels (input {source.path.name} stores {stored}); "
+            f"{source.path}: {fmt.upper()} output cannot hold {dtype} pixels (the input stores {stored}); "
             f"choose --dtype {' or '.join(allowed)}"
         )
     return dtype
