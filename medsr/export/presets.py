@@ -124,26 +124,27 @@ def _tiny_attention() -> Preset:
 def _default() -> Preset:
     """The bundled default model (docs/default_model.md): x4 grayscale MRI, k-space LR, trained on CPU.
 
-    f=2 with 4 latent channels (4 numbers per 2x2 pixels) so the autoencoder is not the limit: REFERENCE.md
-    section 7 measured a 1M-parameter f=4 VAE reconstructing at only 24.1 dB, below zero-filling. No
-    self-attention anywhere (quadratic in latent H*W). An x0 model sampled by DDIM in 1 trailing step is in effect
-    a regressor conditioned on the LR latent; k-space data consistency is applied after decoding.
+    f=1: the "latent" is 4 learned channels per pixel, so the autoencoder is not the limit (REFERENCE.md section 7
+    measured a 1M-parameter f=4 VAE at only 24.1 dB) and the LR latent, upsampled bilinearly inside the denoiser
+    graph, stays image-like (at f=2 and f=4 the same recipe's denoiser fell 10 and 7 dB below its autoencoder,
+    docs/default_model.md). No self-attention anywhere (quadratic in H*W). An x0 model sampled by DDIM in 1
+    trailing step is in effect a regressor on the LR latent; k-space data consistency is applied after decoding.
     """
     latent = 4
     return Preset(
         name="default",
-        description="Default model: x4 MRI (k-space LR), f=2 VAE (32,64), 4 latents, 3-level UNet (32,64,128), x0.",
+        description="Default model: x4 MRI (k-space LR), f=1 VAE (16), 4 latents, 3-level UNet (32,64,128), x0.",
         scale=4,
         image_channels=1,
         vae={
             "in_channels": 1,
             "out_channels": 1,
-            "down_block_types": ("DownEncoderBlock2D",) * 2,
-            "up_block_types": ("UpDecoderBlock2D",) * 2,
-            "block_out_channels": (32, 64),
+            "down_block_types": ("DownEncoderBlock2D",),
+            "up_block_types": ("UpDecoderBlock2D",),
+            "block_out_channels": (16,),
             "layers_per_block": 1,
             "latent_channels": latent,
-            "norm_num_groups": 16,
+            "norm_num_groups": 8,
             "mid_block_add_attention": False,
         },
         unet={
