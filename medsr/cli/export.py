@@ -18,8 +18,14 @@ from medsr.cli.common import medsr_errors, run_command
 @click.option("--seed", default=0, show_default=True, help="Seed of --random-init.")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Bundle directory to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle directory.")
+@click.option(
+    "--validate",
+    is_flag=True,
+    help="Before keeping the bundle, run parity (ONNX Runtime vs the PyTorch reference, every stage >= 60 dB on "
+    "real slices); a bundle that fails is not written. The figures are recorded in the manifest.",
+)
 @medsr_errors
-def export(preset_name, weights, vae_weights, unet_weights, random_init, seed, output, overwrite):
+def export(preset_name, weights, vae_weights, unet_weights, random_init, seed, output, overwrite, validate):
     """Export the VAE encoder, VAE decoder and denoiser of a model as a validated ONNX bundle."""
     from medsr.errors import InputError
     from medsr.export.builder import build_models
@@ -36,8 +42,32 @@ def export(preset_name, weights, vae_weights, unet_weights, random_init, seed, o
     vae, unet, provenance = build_models(
         preset, weights=weights, vae_weights=vae_weights, unet_weights=unet_weights, seed=seed
     )
-    path = export_bundle(vae, unet, preset, output, provenance, overwrite=overwrite)
+    if validate:
+        path = _export_validated(vae, unet, preset, output, provenance, overwrite)
+    else:
+        path = export_bundle(vae, unet, preset, output, provenance, overwrite=overwrite)
     click.echo(f"wrote bundle {path} (preset {preset.name}, weights: {provenance['weights']['source']})")
+
+
+def _export_validated(vae, unet, preset, output, provenance, overwrite):
+    """Export into a staging directory, run the parity gate on it, record the figures in its manifest and only
+    then move it to ``output``; a failing bundle is deleted with the staging directory."""
+    from medsr.engine.bundle import load_bundle, write_manifest
+    from medsr.errors import BundleError
+    from medsr.eval.harness import validate_bundle
+    from medsr.export.onnx import export_bundle
+    from medsr.io.atomic import atomic_dir
+
+    with atomic_dir(output, overwrite=overwrite) as staging:
+        export_bundle(vae, unet, preset, staging, provenance, overwrite=True)  # staging exists, empty
+        run = validate_bundle(staging)
+        if not run.passed:
+            raise BundleError(f"{output}: not written: the exported bundle fails parity: {run.failure()}")
+        manifest = load_bundle(staging).manifest
+        manifest["validation"]["parity"] = run.to_dict()
+        write_manifest(staging, manifest)
+    click.echo(f"parity: every stage >= {run.threshold_db:g} dB (final {run.report.final.psnr_db:.1f} dB)")
+    return output
 
 
 def main() -> None:

@@ -1,0 +1,262 @@
+"""``medsr-eval``: does the engine reproduce the reference (parity), how faithful is the output to the true image
+(fidelity), and which configuration is better (compare). Thin shells over medsr.eval; heavy imports are lazy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from medsr.cli.common import medsr_errors, run_command
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+def _comma_list(ctx, param, value):
+    """``"a,b"`` -> ("a", "b"); None stays None (the command's default)."""
+    if value is None:
+        return None
+    return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli():
+    """Parity with the PyTorch reference, fidelity to the true image, paired comparison of configurations."""
+
+
+def _parity_table(run) -> str:
+    lines = [f"{'stage':<22} {'max abs':>10} {'rel L2':>10} {'PSNR dB':>9}  ok"]
+    for stage in run.report.stages:
+        mark = "yes" if stage.passed else "NO"
+        lines.append(f"{stage.stage:<22} {stage.max_abs:>10.3g} {stage.rel_l2:>10.3g} {stage.psnr_db:>9.2f}  {mark}")
+    return "\n".join(lines)
+
+
+@cli.command()
+@click.option("--model", required=True, type=click.Path(path_type=Path), help="Model bundle directory.")
+@click.option("--engine", type=click.Choice(["ort", "trt", "openvino"]), default="ort", show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--reference-device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option(
+    "--data",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="NIfTI volumes, 2D images, directories or default-split source names (repeatable); default: nibabel's "
+    "real example4d EPI volume.",
+)
+@click.option("--slices", type=click.IntRange(min=1), default=2, show_default=True, help="Slices per file.")
+@click.option("--size", type=click.IntRange(min=1), default=64, show_default=True, help="LR crop side (pixels).")
+@click.option("--steps", type=click.IntRange(min=1), help="Sampler steps (default: the bundle's).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--threshold-db", type=float, help="Pass threshold of every stage (default: 60 fp32, 40 fp16/bf16).")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: the available cores).")
+@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), help="Write the report as JSON.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing report.")
+@medsr_errors
+def parity(
+    model,
+    engine,
+    precision,
+    device,
+    reference_device,
+    data,
+    slices,
+    size,
+    steps,
+    seed,
+    batch_size,
+    threshold_db,
+    threads,
+    output,
+    overwrite,
+):
+    """Run an engine and the PyTorch reference on the same real slices, seed and noise; compare every stage.
+
+    Exit code 1 when a stage falls below the threshold (the first one is named) or a stage gives NaN/Inf.
+    """
+    import json
+
+    from medsr.engine.bundle import load_bundle
+    from medsr.engine.pipeline import SamplingOptions
+    from medsr.eval.harness import parity_inputs, run_parity
+    from medsr.io.atomic import check_output_path, write_text_atomic
+
+    if output is not None:
+        check_output_path(output, overwrite)
+    bundle = load_bundle(model)
+    lr, ids = parity_inputs(list(data), slices, size)
+    options = SamplingOptions(steps=steps, seed=seed, batch_size=batch_size)
+    run = run_parity(bundle, engine, lr, ids, options, precision, threshold_db, device, reference_device, threads)
+    click.echo(f"{bundle.name}: engine {engine} {precision} [{','.join(run.providers)}] vs torch fp32 reference")
+    click.echo(f"{len(ids)} real slices, LR {lr.shape[1]}x{lr.shape[2]}: {', '.join(ids)}")
+    if run.report is not None:
+        click.echo(_parity_table(run))
+    if output is not None:
+        report = {"model": bundle.name, "bundle": str(bundle.root), **run.to_dict()}
+        write_text_atomic(output, json.dumps(report, indent=1) + "\n", overwrite=overwrite)
+    if not run.passed:
+        raise click.ClickException(f"parity failed: {run.failure()}")
+    click.echo(f"parity passed: every stage >= {run.threshold_db:g} dB (final {run.report.final.psnr_db:.2f} dB)")
+
+
+@cli.command()
+@click.option("--model", required=True, type=click.Path(path_type=Path), help="Model bundle directory.")
+@click.option(
+    "--data",
+    required=True,
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="NIfTI volumes, 2D images (DICOM/PNG/TIFF), directories of them, or source names of the default split "
+    "(colin27-slab, epi, shoulder, default:heldout); repeatable.",
+)
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path, file_okay=False), help="Output dir.")
+@click.option("--scale", type=click.IntRange(min=2), help="Checked against the model's scale factor.")
+@click.option(
+    "--baselines",
+    callback=_comma_list,
+    default="zerofill,bicubic,lanczos",
+    show_default=True,
+    help="Comma-separated baselines, or 'none'.",
+)
+@click.option(
+    "--consistency",
+    callback=_comma_list,
+    help="Comma-separated modes (none,kspace,backproject) to "
+    "measure the model with, each a configuration (default: the bundle's).",
+)
+@click.option("--name", help="Name of the model's configurations (default: the bundle's name).")
+@click.option("--dataset", help="Dataset name in the summaries (default: the file stems joined by '+').")
+@click.option("--engine", type=click.Choice(["ort", "torch", "trt", "openvino"]), default="ort", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), help="Sampler steps (default: the bundle's).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--axis", type=click.IntRange(0, 2), help="Slice axis of volumes (default: largest spacing).")
+@click.option("--max-slices", type=click.IntRange(min=1), help="Evenly spaced foreground slices per file.")
+@click.option("--panels", type=click.IntRange(min=0), default=4, show_default=True, help="Images given a panel.")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: the available cores).")
+@click.option("--overwrite", is_flag=True, help="Replace existing output files.")
+@medsr_errors
+def fidelity(
+    model,
+    data,
+    output,
+    scale,
+    baselines,
+    consistency,
+    name,
+    dataset,
+    engine,
+    device,
+    steps,
+    seed,
+    axis,
+    max_slices,
+    panels,
+    threads,
+    overwrite,
+):
+    """Super-resolve LR made from true HR slices; measure the model, the baselines and the autoencoder ceiling."""
+    from tqdm import tqdm
+
+    from medsr.engine.bundle import load_bundle
+    from medsr.engine.pipeline import LatentSRPipeline, SamplingOptions
+    from medsr.engine.sessions import open_sessions
+    from medsr.errors import InputError
+    from medsr.eval import fidelity_report as report
+    from medsr.eval.fidelity import FidelitySettings, evaluate
+    from medsr.eval.slices import eval_sources, load_eval_slices, spread
+
+    bundle = load_bundle(model)
+    if scale is not None and scale != bundle.scale:
+        raise InputError(f"--scale {scale}, but the model {bundle.root} super-resolves x{bundle.scale}")
+    sources = eval_sources(list(data), axis=axis)
+    slices = load_eval_slices(sources, per_file=max_slices)
+    modes = consistency or (bundle.manifest["task"].get("consistency", "none"),)
+    settings = FidelitySettings(
+        model_name=name or bundle.name,
+        consistency=tuple(modes),
+        baselines=() if baselines == ("none",) else baselines,
+        options=SamplingOptions(steps=steps, seed=seed, batch_size=1),
+    )
+    dataset = dataset or "+".join(source.name for source in sources)
+    panel_ids = {s.id for s in spread(slices, panels)} if panels else set()
+    report.prepare_output_dir(output, settings.configs, sorted(panel_ids), overwrite)
+    pipeline = LatentSRPipeline(bundle, open_sessions(bundle, engine, device=device, threads=threads))
+    kept = []
+    with tqdm(total=len(slices), unit="slice", desc="fidelity", disable=None) as bar:
+        result = evaluate(
+            pipeline,
+            slices,
+            settings,
+            progress=bar.update,
+            keep=lambda outputs: kept.append(outputs) if outputs.slice.id in panel_ids else None,
+        )
+    context = {
+        "model": bundle.name,
+        "bundle": str(bundle.root),
+        "scale": bundle.scale,
+        "degradation": pipeline.degradation.to_dict(),
+        "engine": engine,
+        "steps": steps or pipeline.scheduler_config.default_steps,
+        "seed": seed,
+        "sources": {source.name: str(source.path) for source in sources},
+    }
+    report.write_report(output, result, dataset, context, kept)
+    click.echo(report.markdown_summary(result, dataset))
+    click.echo(f"wrote {output}: {len(slices)} images x {len(settings.configs)} configurations")
+
+
+@cli.command()
+@click.argument("summaries", nargs=-1, required=True, type=click.Path(path_type=Path, dir_okay=False))
+@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), help="Markdown report file.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), help="Full report as JSON.")
+@click.option("--plot", type=click.Path(path_type=Path, dir_okay=False), help="Screening scatter plot (PNG).")
+@click.option("--metrics", callback=_comma_list, help="Comma-separated metrics (default: psnr,ssim,ms_ssim,cD1).")
+@click.option("--intersect", is_flag=True, help="Compare only the images every pair shares (else: refuse).")
+@click.option(
+    "--alternative",
+    type=click.Choice(["two-sided", "greater", "less"]),
+    default="two-sided",
+    show_default=True,
+    help="Wilcoxon alternative, for first-file-minus-second differences.",
+)
+@click.option("--n-boot", type=click.IntRange(min=100), default=10_000, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace existing output files.")
+@medsr_errors
+def compare(summaries, output, json_path, plot, metrics, intersect, alternative, n_boot, seed, overwrite):
+    """Paired statistics between fidelity summaries (JSON files of `medsr-eval fidelity`), paired by image id."""
+    import json
+
+    from medsr.errors import InputError
+    from medsr.eval.compare import DEFAULT_METRICS, compare_files, render_markdown
+    from medsr.eval.figures import save_screening_plot
+    from medsr.io.atomic import check_output_path, write_text_atomic
+
+    for path in (output, json_path, plot):
+        if path is not None:
+            check_output_path(path, overwrite)
+    result = compare_files(
+        list(summaries),
+        metrics=metrics or DEFAULT_METRICS,
+        intersect=intersect,
+        alternative=alternative,
+        n_boot=n_boot,
+        seed=seed,
+    )
+    if plot is not None and result["screening"]["fit"] is None:
+        raise InputError(f"--plot: no screening regression to draw ({result['screening']['note']})")
+    text = render_markdown(result)
+    if output is not None:
+        write_text_atomic(output, text, overwrite=overwrite)
+    if json_path is not None:
+        write_text_atomic(json_path, json.dumps(result, indent=1) + "\n", overwrite=overwrite)
+    if plot is not None:
+        save_screening_plot(plot, result["screening"])
+    click.echo(text)
+
+
+def main() -> None:
+    run_command(cli)
