@@ -117,28 +117,21 @@ def train(
     elif (run_dir / CHECKPOINT_DIR).exists():
         raise CheckpointError(f"{run_dir}: already holds a checkpoint; pass --resume to continue it")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _no_autocast()
-    metrics_path = run_dir / METRICS_FILE
     from tqdm import tqdm
 
-    step = start
+    step, saved_step, updating = start, start, False
     bar = tqdm(total=config.steps, initial=start, desc=state_extra.get("task", "train"), disable=not progress)
     try:
-        with metrics_path.open("a") as metrics:
+        with (run_dir / METRICS_FILE).open("a") as metrics:
             started = time.perf_counter()
             while step < config.steps:
                 lr = config.learning_rate(step)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
                 rng, generator = step_rng(config.seed, step)
                 with autocast:
                     loss, extra = loss_fn(step, rng, generator)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = _clip(params.values(), config.grad_clip)
-                optimizer.step()
-                if ema is not None:
-                    _update_ema(ema, params, config.ema_decay)
-                step += 1
+                updating = True  # an interrupt from here to the end of the update must not be checkpointed
+                grad_norm = _update(loss, params, optimizer, ema, config, lr)
+                step, updating = step + 1, False
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     raise CheckpointError(f"{run_dir}: loss became {value} at step {step}; last checkpoint kept")
@@ -146,13 +139,13 @@ def train(
                 bar.set_postfix(loss=f"{value:.4f}")
                 if step % config.log_every == 0 or step == config.steps:
                     line = {"step": step, "loss": value, "lr": lr, "grad_norm": grad_norm, **extra}
-                    line["seconds"] = round(time.perf_counter() - started, 3)
-                    metrics.write(json.dumps(line) + "\n")
+                    metrics.write(json.dumps({**line, "seconds": round(time.perf_counter() - started, 3)}) + "\n")
                     metrics.flush()
                 if step % config.checkpoint_every == 0 or step == config.steps:
                     save_checkpoint(run_dir, model, ema, optimizer, {**state, "step": step})
+                    saved_step = step
     except KeyboardInterrupt:
-        if step > start:
+        if step > saved_step and not updating:  # the steps done since the last checkpoint are complete: keep them
             save_checkpoint(run_dir, model, ema, optimizer, {**state, "step": step})
         raise
     finally:
@@ -161,6 +154,19 @@ def train(
     if ema is not None:
         weights.update({name: value.cpu().clone() for name, value in ema.items()})
     return weights
+
+
+def _update(loss: torch.Tensor, params: dict, optimizer, ema: dict | None, config: LoopConfig, lr: float) -> float:
+    """Backward, clip, one AdamW step at ``lr``, EMA update; returns the gradient norm before clipping."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = _clip(params.values(), config.grad_clip)
+    optimizer.step()
+    if ema is not None:
+        _update_ema(ema, params, config.ema_decay)
+    return grad_norm
 
 
 def _check_same(run_dir: Path, saved: dict, state: dict) -> None:
