@@ -127,7 +127,7 @@ def parity(
     "measure the model with, each a configuration (default: the bundle's).",
 )
 @click.option("--name", help="Name of the model's configurations (default: the bundle's name).")
-@click.option("--dataset", help="Dataset name in the summaries (default: the file stems joined by '+').")
+@click.option("--dataset", help="Dataset name in the summaries (default: the source names joined by '+').")
 @click.option("--engine", type=click.Choice(["ort", "torch", "trt", "openvino"]), default="ort", show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--steps", type=click.IntRange(min=1), help="Sampler steps (default: the bundle's).")
