@@ -25,6 +25,7 @@ def cuda():
 def test_gpu_name_and_capability(cuda):
     gpu = cuda.gpu()
     assert gpu.name.startswith("NVIDIA") and gpu.compute_capability.count(".") == 1
+    assert isinstance(cuda.stream_handle, int) and cuda.stream_handle != 0  # TensorRT needs a non-default stream
 
 
 def test_round_trip_through_device_and_cuda_graph_replay(cuda):

@@ -23,6 +23,7 @@ class FakeCuda:
 
     def __init__(self, gpu: GpuInfo | None = None):
         self._gpu, self.stream = gpu or H100, 7
+        self.stream_handle = 7
         self.memory: dict[int, np.ndarray] = {}
         self._addresses = itertools.count(0x1000, 0x1000)
         self._capture: list | None = None

@@ -86,7 +86,9 @@ def bench_preset(preset_name: str, config: BenchConfig, log=print) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         out_path = Path(scratch) / "sr.nii.gz"
         for batch in config.batch_sizes:  # warm-up on one batch: allocations, kernel choice, per-shape compiles
-            warm_volume = write_test_volume(config.work_dir / f"warm_{config.lr_size}_{batch}.nii.gz", config.lr_size, batch)
+            warm_volume = write_test_volume(
+                config.work_dir / f"warm_{config.lr_size}_{batch}.nii.gz", config.lr_size, batch
+            )
             warm = SamplingOptions(steps=1, seed=config.seed, batch_size=batch, consistency=config.consistency)
             for engine_sessions in sessions.values():
                 run_volume(bundle, engine_sessions, warm_volume, out_path, warm)

@@ -53,6 +53,11 @@ class CudaRuntime:
             raise BackendError(f"CUDA call {call} failed: {status}")
         return values[0] if len(values) == 1 else tuple(values) or None
 
+    @property
+    def stream_handle(self) -> int:
+        """The stream as the integer handle TensorRT's execute_async_v3 takes."""
+        return int(self.stream)
+
     def gpu(self) -> GpuInfo:
         props = self._check("cudaGetDeviceProperties", self.cudart.cudaGetDeviceProperties(0))
         name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)

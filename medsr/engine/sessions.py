@@ -11,6 +11,7 @@ when asked for, so the ort path never loads torch, TensorRT or OpenVINO.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,7 +112,7 @@ class OrtSession:
         self.path = Path(path)
         self.device = device
         tuning = tuning or OrtTuning()
-        self.tuning = OrtTuning(threads or tuning.threads, tuning.spinning, tuning.optimization, tuning.memory_arena)
+        self.tuning = dataclasses.replace(tuning, threads=threads or tuning.threads)
         self._session = self._load()
         self.providers = tuple(self._session.get_providers())
         self.input_names = tuple(item.name for item in self._session.get_inputs())

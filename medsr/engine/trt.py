@@ -176,7 +176,7 @@ class PlanExecutor:
         for name in self.input_names:
             device, host_address, host = self.buffers[name]
             self.cuda.copy_to_device(device, host_address, host.nbytes)
-        if not self.context.execute_async_v3(self.cuda.stream):
+        if not self.context.execute_async_v3(self.cuda.stream_handle):
             raise BackendError("TensorRT execution failed (execute_async_v3 returned False)")
         for name in self.output_names:
             device, host_address, host = self.buffers[name]
