@@ -112,7 +112,7 @@ class InferSettings:
     ``fmt``: output format (None: from the output name, else the input's default); ``dtype``: a
     medsr.io.dtypes.DTYPE_CHOICES entry; ``frame``: one frame of a 4D input; ``axis``: the slice axis (None: for
     DICOM the acquisition plane, else the largest spacing); ``max_bytes``: the memory limit (None: the available
-    memory); ``engine``: recorded in each output's provenance.
+    memory); ``engine`` and ``precision``: recorded in each output's provenance.
     """
 
     options: SamplingOptions = field(default_factory=SamplingOptions)
@@ -124,6 +124,7 @@ class InferSettings:
     repair_nonfinite: bool = False
     overwrite: bool = False
     engine: str = "ort"
+    precision: str = "fp32"
 
 
 @dataclass(frozen=True)
@@ -216,7 +217,7 @@ def provenance_of(pipeline: LatentSRPipeline, settings: InferSettings) -> dict:
         "model": bundle.name,
         "scale": bundle.scale,
         "weights": bundle.manifest["provenance"].get("weights"),
-        "engine": f"{settings.engine} [{providers}]",
+        "engine": f"{settings.engine} {settings.precision} [{providers}]",
         "sampler": pipeline.scheduler_config.algorithm,
         "steps": options.steps or pipeline.scheduler_config.default_steps,
         "seed": options.seed,

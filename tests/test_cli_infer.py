@@ -98,3 +98,23 @@ def test_trt_engine_is_reported_clearly(tiny_bundle, example4d_path, tmp_path):
 def test_missing_input_is_one_line(tiny_bundle, tmp_path):
     result = CliRunner().invoke(infer, [str(tmp_path / "none.nii.gz"), "--model", str(tiny_bundle)])
     assert result.exit_code == 1 and "none.nii.gz: file not found" in result.output
+
+
+def test_openvino_engine_matches_ort_in_fp32(ort_output, tiny_bundle, example4d_path, tmp_path):
+    pytest.importorskip("openvino")
+    out, _ = ort_output
+    ov_out = tmp_path / "ov.nii.gz"
+    args = [str(example4d_path), "-o", str(ov_out), "--model", str(tiny_bundle), "--frame", "0", "--steps", "2"]
+    result = CliRunner().invoke(infer, [*args, "--engine", "openvino", "--precision", "fp32"])
+    assert result.exit_code == 0, result.output
+    assert "engine openvino fp32 [OpenVINO" in result.output
+    a, b = nib.load(ov_out).get_fdata(), nib.load(out).get_fdata()
+    assert 10 * np.log10(np.ptp(b) ** 2 / np.mean((a - b) ** 2)) >= 60.0
+
+
+def test_precision_the_engine_cannot_run_is_refused(tiny_bundle, example4d_path, tmp_path):
+    out = tmp_path / "fp16.nii.gz"
+    args = [str(example4d_path), "-o", str(out), "--model", str(tiny_bundle), "--precision", "fp16"]
+    result = CliRunner().invoke(infer, args)
+    assert result.exit_code == 1 and "--engine ort runs fp32 only" in result.output
+    assert not out.exists()

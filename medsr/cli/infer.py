@@ -11,6 +11,9 @@ import click
 from medsr.cli.common import medsr_errors, run_command
 from medsr.engine.pipeline import CONSISTENCY_MODES
 from medsr.engine.schedulers.config import ALGORITHMS
+from medsr.engine.sessions import ENGINES
+
+PRECISIONS = ("fp32", "tf32", "fp16", "bf16", "auto")
 from medsr.io.dtypes import DTYPE_CHOICES
 from medsr.io.formats import OUTPUT_FORMATS
 
@@ -40,7 +43,14 @@ from medsr.io.formats import OUTPUT_FORMATS
 )
 @click.option("--series", help="DICOM series to read from a directory holding several (SeriesInstanceUID or number).")
 @click.option("--model", type=click.Path(path_type=Path), help="Model bundle directory (default: the bundled one).")
-@click.option("--engine", type=click.Choice(["ort", "torch", "trt"]), default="ort", show_default=True)
+@click.option("--engine", type=click.Choice(ENGINES), default="ort", show_default=True)
+@click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    default="fp32",
+    show_default=True,
+    help="trt: fp32, tf32, fp16, bf16; openvino: fp32, bf16, auto (bf16 where parity passes); ort/torch: fp32.",
+)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--sampler", type=click.Choice(ALGORITHMS), help="Sampler (default: the bundle's).")
 @click.option("--steps", type=click.IntRange(min=1), help="Sampler steps (default: the bundle's).")
@@ -90,6 +100,7 @@ def infer(
     series,
     model,
     engine,
+    precision,
     device,
     sampler,
     steps,
@@ -138,6 +149,7 @@ def infer(
         frame=frame,
         axis=axis,
         engine=engine,
+        precision=precision,
         max_bytes=parse_size(max_memory) if max_memory else None,
         repair_nonfinite=repair_nonfinite,
         overwrite=overwrite,
@@ -145,7 +157,7 @@ def infer(
     bundle = _load_bundle(model)
     if options.tile_size is not None:
         check_tile_options(options.tile_size, tile_overlap, bundle.lr_multiple)
-    pipeline = functools.cache(lambda: _open_pipeline(bundle, engine, device, sampler, threads))
+    pipeline = functools.cache(lambda: _open_pipeline(bundle, engine, precision, device, sampler, threads))
     if batch:
         failed = _run_batch(jobs, output, bundle, pipeline, settings)
         if failed:
@@ -167,7 +179,7 @@ def _load_bundle(model):
     return load_bundle(model)
 
 
-def _open_pipeline(bundle, engine, device, sampler, threads):
+def _open_pipeline(bundle, engine, precision, device, sampler, threads):
     """The bundle's pipeline on ``engine`` (sessions are opened only once an input has passed its checks)."""
     import dataclasses
 
@@ -178,7 +190,8 @@ def _open_pipeline(bundle, engine, device, sampler, threads):
     scheduler_config = SchedulerConfig.from_dict(bundle.scheduler)
     if sampler:
         scheduler_config = dataclasses.replace(scheduler_config, algorithm=sampler)  # validates the combination
-    return LatentSRPipeline(bundle, open_sessions(bundle, engine, device=device, threads=threads), scheduler_config)
+    sessions = open_sessions(bundle, engine, device=device, threads=threads, precision=precision)
+    return LatentSRPipeline(bundle, sessions, scheduler_config)
 
 
 def _run_one(job, output, bundle, pipeline, settings) -> None:
