@@ -119,3 +119,17 @@ def test_attention_preset_exports_and_validates(tmp_path):
     for checks in bundle.manifest["validation"]["onnx_vs_torch"].values():
         for check in checks:
             assert all(fig["psnr_db"] > 100 for fig in check["outputs"].values())
+
+
+def test_trt_plans_need_tensorrt_and_nothing_is_exported_without_it(tmp_path):
+    pytest.importorskip("torch")
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("TensorRT is installed here")
+    except ImportError:
+        pass
+    out = tmp_path / "b"
+    result = CliRunner().invoke(export, ["--preset", "tiny", "--random-init", "-o", str(out), "--trt", "fp16"])
+    assert result.exit_code == 1 and "TensorRT" in result.output
+    assert not out.exists()

@@ -75,7 +75,7 @@ def test_exported_graphs_are_slimmed_and_keep_dynamic_axes(tiny_bundle):
         "medsr.engine.openvino",
         "medsr.engine.cuda",
         "medsr.engine.profiles",
-        "medsr.export.tensorrt",
+        "medsr.engine.trt_build",
     ],
 )
 def test_backend_modules_import_without_torch(module):

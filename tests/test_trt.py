@@ -16,7 +16,7 @@ from medsr.engine.cuda import CudaRuntime, GpuInfo
 from medsr.engine.profiles import ShapeProfile, choose_profile, graph_input_shapes, range_profiles, static_profiles
 from medsr.engine.trt import PlanCache, PlanKey, TrtSession, open_trt_sessions
 from medsr.errors import BackendError, ShapeError
-from medsr.export.tensorrt import build_plan, choose_precision, pin_fp32_layers, precision_plan
+from medsr.engine.trt_build import build_plan, choose_precision, pin_fp32_layers, precision_plan
 
 KEY = PlanKey("denoiser", "ab" * 32, "fp16", "1x3x64x64_1x3x16x16_1", "10.8.0", "NVIDIA H100 80GB HBM3", "9.0")
 

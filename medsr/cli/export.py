@@ -24,8 +24,25 @@ from medsr.cli.common import medsr_errors, run_command
     help="Before keeping the bundle, run parity (ONNX Runtime vs the PyTorch reference, every stage >= 60 dB on "
     "real slices); a bundle that fails is not written. The figures are recorded in the manifest.",
 )
+@click.option(
+    "--trt",
+    "trt_precision",
+    type=click.Choice(("fp32", "tf32", "fp16", "bf16")),
+    help="Also build TensorRT plans in this precision into the bundle's engines/ cache (needs TensorRT and a GPU; "
+    "checked before anything is exported).",
+)
+@click.option(
+    "--trt-shape",
+    type=(click.IntRange(min=1), click.IntRange(min=1), click.IntRange(min=1)),
+    default=(4, 64, 64),
+    show_default=True,
+    help="Batch, LR height and LR width of the static TensorRT profile that --trt builds.",
+)
 @medsr_errors
-def export(preset_name, weights, vae_weights, unet_weights, random_init, seed, output, overwrite, validate):
+def export(
+    preset_name, weights, vae_weights, unet_weights, random_init, seed, output, overwrite, validate, trt_precision,
+    trt_shape,
+):
     """Export the VAE encoder, VAE decoder and denoiser of a model as a validated ONNX bundle."""
     from medsr.errors import InputError
     from medsr.export.builder import build_models
@@ -39,6 +56,8 @@ def export(preset_name, weights, vae_weights, unet_weights, random_init, seed, o
             "(which may complete one of --vae-weights/--unet-weights)"
         )
     preset = get_preset(preset_name)
+    if trt_precision:
+        _require_tensorrt()
     vae, unet, provenance = build_models(
         preset, weights=weights, vae_weights=vae_weights, unet_weights=unet_weights, seed=seed
     )
@@ -47,6 +66,31 @@ def export(preset_name, weights, vae_weights, unet_weights, random_init, seed, o
     else:
         path = export_bundle(vae, unet, preset, output, provenance, overwrite=overwrite)
     click.echo(f"wrote bundle {path} (preset {preset.name}, weights: {provenance['weights']['source']})")
+    if trt_precision:
+        _build_trt_plans(path, trt_precision, *trt_shape)
+
+
+def _require_tensorrt() -> None:
+    """Fail before exporting when TensorRT or a CUDA GPU is missing (a BackendError saying what to install)."""
+    from medsr.engine.cuda import CudaRuntime
+    from medsr.engine.trt import import_tensorrt
+
+    import_tensorrt()
+    CudaRuntime().gpu()
+
+
+def _build_trt_plans(path, precision: str, batch: int, lr_height: int, lr_width: int) -> None:
+    """Build (or find up to date) one static plan per graph for this slice size, in the bundle's plan cache."""
+    from medsr.engine.bundle import load_bundle
+    from medsr.engine.profiles import static_profiles
+    from medsr.engine.trt import open_trt_sessions
+
+    bundle = load_bundle(path)
+    profiles = static_profiles(bundle, batch, lr_height, lr_width)
+    sessions = open_trt_sessions(bundle, precision, profiles={g: [p] for g, p in profiles.items()})
+    for graph, session in sessions.items():
+        session.plan(profiles[graph])
+        click.echo(f"TensorRT {precision} plan ready for {graph} ({profiles[graph].tag})")
 
 
 def _export_validated(vae, unet, preset, output, provenance, overwrite):
@@ -55,11 +99,11 @@ def _export_validated(vae, unet, preset, output, provenance, overwrite):
     from medsr.engine.bundle import load_bundle, write_manifest
     from medsr.errors import BundleError
     from medsr.eval.harness import validate_bundle
-    from medsr.export.onnx import export_bundle
+    from medsr.export.onnx import write_bundle
     from medsr.io.atomic import atomic_dir
 
     with atomic_dir(output, overwrite=overwrite) as staging:
-        export_bundle(vae, unet, preset, staging, provenance, overwrite=True)  # staging exists, empty
+        write_bundle(vae, unet, preset, staging, provenance)
         run = validate_bundle(staging)
         if not run.passed:
             raise BundleError(f"{output}: not written: the exported bundle fails parity: {run.failure()}")

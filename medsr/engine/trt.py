@@ -218,10 +218,10 @@ class TrtSession:
 
     Args:
         graph: graph name (medsr.engine.graphs); entry: its bundle GraphEntry (path, sha256).
-        precision: one of medsr.export.tensorrt.TRT_PRECISIONS.
+        precision: one of medsr.engine.trt_build.TRT_PRECISIONS.
         cache: the PlanCache; gpu: this machine's GpuInfo.
         build: build missing or stale plans (False: refuse them with a BackendError).
-        builder: ``builder(onnx_path, profile, precision) -> plan bytes``; default: medsr.export.tensorrt.build_plan.
+        builder: ``builder(onnx_path, profile, precision) -> plan bytes``; default: medsr.engine.trt_build.build_plan.
     """
 
     def __init__(
@@ -249,7 +249,7 @@ class TrtSession:
         self._executors: dict[tuple, PlanExecutor] = {}
 
     def _default_builder(self, onnx_path, profile: ShapeProfile, precision: str) -> bytes:
-        from medsr.export.tensorrt import build_plan
+        from medsr.engine.trt_build import build_plan
 
         return build_plan(self.trt, onnx_path, profile, precision, timing_cache=self.cache.root / "timing.cache")
 
@@ -314,9 +314,9 @@ def open_trt_sessions(
     """A TrtSession per graph of ``bundle``, sharing one CUDA stream and the bundle's plan cache.
 
     ``precision``: one TensorRT precision for every graph, or {graph: precision} (e.g. what
-    medsr.export.tensorrt.choose_precision picked per graph). ``profiles``: {graph: [ShapeProfile]}.
+    medsr.engine.trt_build.choose_precision picked per graph). ``profiles``: {graph: [ShapeProfile]}.
     """
-    from medsr.export.tensorrt import TRT_PRECISIONS
+    from medsr.engine.trt_build import TRT_PRECISIONS
 
     trt = trt or import_tensorrt()
     cuda = cuda or CudaRuntime()

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +19,10 @@ import medsr
 from medsr.engine.bundle import FORMAT_VERSION, sha256_file, write_manifest
 from medsr.engine.graphs import GRAPHS, GraphSpec
 from medsr.engine.schedulers import SchedulerConfig
-from medsr.errors import OutputError
 from medsr.eval.parity import compare_arrays
 from medsr.export.models import graph_modules
 from medsr.export.presets import Preset
+from medsr.io.atomic import atomic_dir
 
 OPSET = 17
 
@@ -48,7 +46,9 @@ def example_inputs(preset: Preset, shape: ExampleShape, seed: int = 0) -> dict[s
         return torch.randn(*size, generator=generator)
 
     return {
-        "vae_encoder": {"image": randn(shape.batch, preset.image_channels, shape.lr_height, shape.lr_width).clamp(-1, 1)},
+        "vae_encoder": {
+            "image": randn(shape.batch, preset.image_channels, shape.lr_height, shape.lr_width).clamp(-1, 1)
+        },
         "vae_decoder": {"latent": randn(shape.batch, c_lat, lr_h * s, lr_w * s)},
         "denoiser": {
             "sample": randn(shape.batch, c_lat, lr_h * s, lr_w * s),
@@ -125,7 +125,9 @@ def _graph_record(spec: GraphSpec, path: Path, inputs: dict[str, torch.Tensor]) 
         "opset": OPSET,
         "precision": "fp32",
         "inputs": [{"name": n, "dtype": "float32", "shape": axes(n, inputs[n].dim())} for n in spec.inputs],
-        "outputs": [{"name": n, "dtype": "float32", "shape": axes(n, 1 if n == "timestep" else 4)} for n in spec.outputs],
+        "outputs": [
+            {"name": n, "dtype": "float32", "shape": axes(n, 1 if n == "timestep" else 4)} for n in spec.outputs
+        ],
     }
 
 
@@ -180,57 +182,36 @@ def _jsonable(config: dict) -> dict:
     return {key: list(value) if isinstance(value, tuple) else value for key, value in config.items()}
 
 
-def export_bundle(vae, unet, preset: Preset, out_dir: str | os.PathLike, provenance: dict, overwrite: bool = False) -> Path:
+def export_bundle(
+    vae, unet, preset: Preset, out_dir: str | os.PathLike, provenance: dict, overwrite: bool = False
+) -> Path:
     """Export ``vae`` and ``unet`` (built from ``preset``) as a validated bundle directory ``out_dir``.
 
-    The bundle is assembled in a temporary sibling directory and renamed into place, so ``out_dir`` is either the
-    complete bundle or untouched. Returns the bundle path.
+    The bundle is assembled in a temporary sibling directory and renamed into place (medsr.io.atomic), so
+    ``out_dir`` is either the complete bundle or untouched. Returns the bundle path.
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise OutputError(f"{out_dir}: output exists; pass --overwrite to replace it")
-    if not out_dir.parent.is_dir():
-        raise OutputError(f"{out_dir}: parent directory {out_dir.parent} does not exist")
+    with atomic_dir(out_dir, overwrite=overwrite) as staging:
+        write_bundle(vae, unet, preset, staging, provenance)
+    return Path(out_dir)
+
+
+def write_bundle(vae, unet, preset: Preset, directory: Path, provenance: dict) -> None:
+    """Write the graphs, their validation against PyTorch, the reference weights and medsr.json into the existing
+    empty ``directory``."""
     modules = graph_modules(vae.eval(), unet.eval())
     first, second = validation_shapes(preset)
     export_inputs = example_inputs(preset, ExampleShape(2, first.lr_height, first.lr_width), seed=0)
     checks = [example_inputs(preset, shape, seed=1 + i) for i, shape in enumerate((first, second))]
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    staging.chmod(0o777 & ~_umask())
-    try:
-        graphs, validation = {}, {}
-        for name, spec in GRAPHS.items():
-            path = staging / spec.file
-            export_graph(modules[name], spec, export_inputs[name], path)
-            graphs[name] = _graph_record(spec, path, export_inputs[name])
-            validation[name] = [validate_graph(modules[name], spec, path, check[name]) for check in checks]
-        reference = _save_torch_reference(vae, unet, preset, staging)
-        provenance = {
-            **provenance,
-            "exported": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "torch_version": torch.__version__,
-        }
-        write_manifest(staging, build_manifest(preset, graphs, {"onnx_vs_torch": validation}, provenance, reference))
-        _replace_dir(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out_dir
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _replace_dir(staging: Path, out_dir: Path) -> None:
-    """Move ``staging`` to ``out_dir``, replacing an existing bundle only after the new one is complete."""
-    if out_dir.exists():
-        backup = out_dir.with_name(f".{out_dir.name}.old")
-        shutil.rmtree(backup, ignore_errors=True)
-        os.replace(out_dir, backup)
-        os.replace(staging, out_dir)
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        os.replace(staging, out_dir)
+    graphs, validation = {}, {}
+    for name, spec in GRAPHS.items():
+        path = directory / spec.file
+        export_graph(modules[name], spec, export_inputs[name], path)
+        graphs[name] = _graph_record(spec, path, export_inputs[name])
+        validation[name] = [validate_graph(modules[name], spec, path, check[name]) for check in checks]
+    reference = _save_torch_reference(vae, unet, preset, directory)
+    provenance = {
+        **provenance,
+        "exported": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch_version": torch.__version__,
+    }
+    write_manifest(directory, build_manifest(preset, graphs, {"onnx_vs_torch": validation}, provenance, reference))
