@@ -20,9 +20,13 @@ ENGINE_MODULES = [
 ]
 
 
-@pytest.mark.parametrize("module", ENGINE_MODULES)
+@pytest.mark.parametrize("module", ENGINE_MODULES + ["medsr.engine.trt", "medsr.engine.openvino", "medsr.engine.tiling"])
 def test_engine_module_imports_with_torch_blocked(module):
-    code = f"import sys; sys.modules['torch'] = None; sys.modules['diffusers'] = None; import {module}"
+    """No torch, and no PyTorch-side medsr module either: the engine never imports medsr.export."""
+    code = (
+        f"import sys; sys.modules['torch'] = None; sys.modules['diffusers'] = None; import {module}; "
+        "leaked = [m for m in sys.modules if m.startswith('medsr.export')]; assert not leaked, leaked"
+    )
     run = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
 
