@@ -9,9 +9,9 @@ that decides its degradation (``mri``: k-space truncation; ``xray``: Lanczos). D
 - pydicom-data: RG1_UNCR chest and RG3_UNCR lower-leg CR radiographs, MR2_UNCR shoulder T1 MRI slice (MIT).
 
 The split is by file, never by slice, with one exception forced by Colin27 being a single subject: its axial
-slab z = 96..119 is held out and 8 slices on either side (a gap wider than the receptive field of the
-degradation, which acts within a slice) are used by nothing, so the held-out Colin slices are unseen *slices of a
-seen brain*. The EPI and shoulder files are the truly unseen subjects (other anatomy, contrast and resolution).
+slab z = 96..119 is held out and the 8 slices (8 mm) on either side are used by nothing, so no training slice is a
+near-copy of a held-out one (training slices along x and y are cut from the boxes outside the slab and gap too).
+The held-out Colin slices are therefore unseen *slices of a seen brain*. The EPI and shoulder files are the truly unseen subjects (other anatomy, contrast and resolution).
 """
 
 from __future__ import annotations
@@ -119,8 +119,8 @@ def default_split() -> dict[str, list[Source]]:
 
 
 def check_disjoint(train: list[Source], heldout: list[Source]) -> None:
-    """Raise InputError when a held-out source shares a file with training, unless both are disjoint boxes of it
-    along one axis with the volume sliced across that axis only in the held-out part (the Colin27 slab rule)."""
+    """Raise InputError when a held-out source reads a file (and frame) that a training source reads too, unless
+    their voxel boxes are disjoint along some axis (the Colin27 slab). Slices of any axis stay inside their box."""
     for held in heldout:
         for seen in train:
             if held.file_key == seen.file_key and not _boxes_disjoint(held, seen):
