@@ -118,10 +118,13 @@ def test_run_slice_crops_to_the_scale_and_gives_every_method_the_same_lr(pipelin
     assert set(out.outputs) == {"tiny+none", "tiny+kspace", "zerofill", "bicubic", "lanczos", AE_CONFIG}
     assert all(image.shape == (48, 44) for image in out.outputs.values())
     kspace = make_degradation("kspace", 4)  # the tiny bundle names no degradation: k-space is the default
-    np.testing.assert_allclose(kspace.forward(out.hr).clip(-1, 1), out.lr, atol=1e-6)
+    np.testing.assert_allclose(kspace.forward(out.hr), out.lr, atol=1e-6)  # measured, unclipped
+    engine_lr = out.lr.clip(-1, 1)  # what the engine's normalization would feed the model
     np.testing.assert_allclose(kspace.forward(out.outputs["zerofill"]), out.lr, atol=1e-5)
-    np.testing.assert_allclose(kspace.forward(out.outputs["tiny+kspace"]), out.lr, atol=1e-5)
-    decoded = pipeline.super_resolve(out.lr[None], SamplingOptions(steps=2, consistency="none"), first_index=item.index)
+    np.testing.assert_allclose(kspace.forward(out.outputs["tiny+kspace"]), engine_lr, atol=1e-5)
+    decoded = pipeline.super_resolve(
+        engine_lr[None], SamplingOptions(steps=2, consistency="none"), first_index=item.index
+    )
     np.testing.assert_array_equal(out.outputs["tiny+none"], decoded.images[0])  # the noise medsr-infer draws
 
 
@@ -134,7 +137,8 @@ def test_rows_carry_the_ae_ceiling_only_for_the_model(pipeline, epi_slices):
             row
         )
         assert 0 <= row["hallucination_rate"] <= 1
-    assert rows["zerofill"]["consistency_residual"] < 1e-5 and rows["tiny+kspace"]["consistency_residual"] < 1e-5
+    assert rows["zerofill"]["consistency_residual"] < 1e-5  # against the measured LR
+    assert rows["tiny+kspace"]["consistency_residual"] < 0.05  # it matches the clipped LR the engine saw
     assert rows["tiny+none"]["ae_psnr"] == pytest.approx(rows[AE_CONFIG]["psnr"])
     assert rows[AE_CONFIG]["hallucination_rate"] <= rows["tiny+none"]["hallucination_rate"] + 0.05
 

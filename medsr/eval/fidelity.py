@@ -3,20 +3,22 @@
 The work behind ``medsr-eval fidelity``. For every evaluation slice (:mod:`medsr.eval.slices`, normalized to the
 model's [-1, 1]):
 
-- HR is the slice centre-cropped to a multiple of the scale s; LR = A(HR) with the bundle's degradation operator
-  A (manifest ``task.degradation``; k-space truncation when it names none), clipped to [-1, 1] as the engine's
-  normalization clips an acquired image. Every method below gets this same LR.
-- The model super-resolves LR once (``first_index`` = the slice's index in its volume, so the noise is the one
-  ``medsr-infer`` would draw for that slice); each consistency mode is then applied to that one decoder output.
-- Baselines: zero-filled k-space, grid-aligned bicubic and Lanczos upsampling (:func:`medsr.degrade.upsample_baseline`,
-  one geometry with the operators: REFERENCE.md section 7).
+- HR is the slice centre-cropped to a multiple of the scale s; the measured LR = A(HR) with the bundle's
+  degradation operator A (manifest ``task.degradation``; k-space truncation when it names none).
+- The model gets what the engine would get: the LR clipped to [-1, 1], as the engine's normalization clips an
+  acquired image. It super-resolves it once (``first_index`` = the slice's index in its volume, so the noise is the
+  one ``medsr-infer`` would draw for that slice); each consistency mode is then applied to that one decoder output
+  with that clipped LR, as the engine applies it.
+- Baselines get the measured LR itself, unclipped (a baseline is never handicapped): zero-filled k-space,
+  grid-aligned bicubic and Lanczos upsampling (:func:`medsr.degrade.upsample_baseline`, one geometry with the
+  operators: REFERENCE.md section 7).
 - The autoencoder ceiling AE = decode(encode(HR)) through the pipeline's own encode/decode (posterior mean, the
   bundle's latent scaling), also reported as the configuration ``ae_ceiling``.
 
 Each output is measured against HR on the [-1, 1] scale (data range 2) by :func:`medsr.eval.metrics.image_metrics`;
 hallucination and loss rates use the AE threshold for every configuration; model rows also carry ``ae_psnr``, so
 only they become points of the screening regression (:mod:`medsr.eval.compare`). ``consistency_residual`` is
-||A(out) - LR|| / ||LR|| per image.
+||A(out) - LR|| / ||LR|| per image, against the measured (unclipped) LR.
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ class FidelitySettings:
 
 @dataclass
 class ImageOutputs:
-    """One evaluated slice: HR (H, W), LR (H/s, W/s) and each configuration's output (H, W), float32."""
+    """One evaluated slice: HR (H, W), the measured LR (H/s, W/s) and each configuration's output (H, W), float32."""
 
     slice: EvalSlice
     hr: np.ndarray
@@ -108,18 +110,19 @@ def run_slice(pipeline: LatentSRPipeline, item: EvalSlice, settings: FidelitySet
     """HR, LR and every configuration's output for one slice (see the module docstring)."""
     scale = pipeline.bundle.scale
     hr = trim_to_multiple(item.image, scale).astype(np.float32)
-    lr = np.clip(pipeline.degradation.forward(hr), -1.0, 1.0).astype(np.float32)
+    measured = pipeline.degradation.forward(hr).astype(np.float32)
+    engine_lr = np.clip(measured, -1.0, 1.0)[None]
     started = time.perf_counter()
     options = replace(settings.options, consistency="none")
-    decoded = pipeline.super_resolve(lr[None], options, first_index=max(item.index, 0)).images
+    decoded = pipeline.super_resolve(engine_lr, options, first_index=max(item.index, 0)).images
     sr_seconds = time.perf_counter() - started
     outputs = {
-        config: pipeline.enforce_consistency(decoded, lr[None], mode)[0]
+        config: pipeline.enforce_consistency(decoded, engine_lr, mode)[0]
         for config, mode in zip(settings.model_configs, settings.consistency)
     }
-    outputs.update({name: upsample_baseline(lr, name, scale).astype(np.float32) for name in settings.baselines})
+    outputs.update({name: upsample_baseline(measured, name, scale).astype(np.float32) for name in settings.baselines})
     outputs[AE_CONFIG] = autoencode(pipeline, hr)
-    return ImageOutputs(item, hr, lr, outputs, sr_seconds)
+    return ImageOutputs(item, hr, measured, outputs, sr_seconds)
 
 
 def measure(pipeline: LatentSRPipeline, result: ImageOutputs, model_configs: list[str]) -> dict[str, dict]:
