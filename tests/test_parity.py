@@ -17,7 +17,7 @@ from medsr.export.reference import open_torch_sessions
 def test_ort_matches_torch_reference_at_every_stage(tiny_bundle):
     bundle = load_bundle(tiny_bundle)
     lr = np.random.default_rng(0).uniform(-1, 1, (3, 16, 12)).astype(np.float32)
-    options = SamplingOptions(steps=4, seed=3, batch_size=2, lr_latent="sample")
+    options = SamplingOptions(steps=4, seed=3, batch_size=2, lr_latent="sample", consistency="kspace")
     report = compare_pipelines(
         LatentSRPipeline(bundle, open_ort_sessions(bundle)),
         LatentSRPipeline(bundle, open_torch_sessions(bundle)),
