@@ -83,7 +83,7 @@ def super_resolve_volume(
         stack = np.moveaxis(frames[..., frame_index], axis, 0)
         target = np.moveaxis(out[..., frame_index], axis, 0)
         for start in range(0, n_slices, options.batch_size):
-            normalized, fraction = normalize(stack[start : start + options.batch_size], window)
+            normalized, fraction = normalize(stack[start : start + options.batch_size], window, clip=False)
             clipped.append(fraction * len(normalized))
             first = frame_index * n_slices + start
             result = pipeline.super_resolve(normalized, options, progress=progress, first_index=first)

@@ -19,7 +19,7 @@ from medsr.engine.sessions import open_ort_sessions
 from medsr.errors import InputError, OutputError
 from medsr.eval import fidelity_report
 from medsr.eval.compare import load_summary
-from medsr.eval.fidelity import AE_CONFIG, FidelitySettings, autoencode, evaluate, measure, run_slice
+from medsr.eval.fidelity import AE_CONFIG, FidelitySettings, evaluate, measure, run_slice
 from medsr.eval.slices import EvalSlice, eval_sources, load_eval_slices, spread
 
 
@@ -101,7 +101,7 @@ def test_autoencoder_ceiling_is_independent_of_the_latent_scaling(tiny_bundle, t
     results = []
     for root in (tiny_bundle, scaled):
         bundle = load_bundle(root)
-        results.append(autoencode(LatentSRPipeline(bundle, open_ort_sessions(bundle)), hr))
+        results.append(LatentSRPipeline(bundle, open_ort_sessions(bundle)).autoencode(hr[None])[0])
     sessions = open_ort_sessions(load_bundle(tiny_bundle))
     mean = sessions["vae_encoder"].run({"image": hr[None, None]})["latent_mean"]
     direct = sessions["vae_decoder"].run({"latent": mean})["image"][0, 0]
@@ -119,12 +119,9 @@ def test_run_slice_crops_to_the_scale_and_gives_every_method_the_same_lr(pipelin
     assert all(image.shape == (48, 44) for image in out.outputs.values())
     kspace = make_degradation("kspace", 4)  # the tiny bundle names no degradation: k-space is the default
     np.testing.assert_allclose(kspace.forward(out.hr), out.lr, atol=1e-6)  # measured, unclipped
-    engine_lr = out.lr.clip(-1, 1)  # what the engine's normalization would feed the model
     np.testing.assert_allclose(kspace.forward(out.outputs["zerofill"]), out.lr, atol=1e-5)
-    np.testing.assert_allclose(kspace.forward(out.outputs["tiny+kspace"]), engine_lr, atol=1e-5)
-    decoded = pipeline.super_resolve(
-        engine_lr[None], SamplingOptions(steps=2, consistency="none"), first_index=item.index
-    )
+    np.testing.assert_allclose(kspace.forward(out.outputs["tiny+kspace"]), out.lr, atol=1e-5)  # the measured LR
+    decoded = pipeline.super_resolve(out.lr[None], SamplingOptions(steps=2, consistency="none"), first_index=item.index)
     np.testing.assert_array_equal(out.outputs["tiny+none"], decoded.images[0])  # the noise medsr-infer draws
 
 

@@ -117,3 +117,18 @@ def test_kspace_consistency_makes_sr_agree_with_lr(tiny_pipeline):
     kept = pipeline.super_resolve(lr, SamplingOptions(steps=2, consistency="kspace"))
     assert free.residuals.min() > 1e-2
     assert kept.residuals.max() < 1e-5
+
+
+def test_networks_see_clipped_lr_but_consistency_uses_the_measured_values():
+    seen = []
+
+    def encoder(image):
+        seen.append(image.max())
+        return _pool(image, F), np.zeros_like(_pool(image, F))
+
+    sessions = fake_sessions()
+    sessions["vae_encoder"] = FakeSession(encoder, ("latent_mean", "latent_logvar"))
+    lr = np.random.default_rng(3).uniform(-1.5, 1.5, (2, 8, 8)).astype(np.float32)  # beyond the window
+    result = LatentSRPipeline(fake_bundle(), sessions).super_resolve(lr, SamplingOptions(consistency="kspace"))
+    assert max(seen) <= 1.0
+    assert result.residuals.max() < 1e-5  # agreement with the unclipped LR

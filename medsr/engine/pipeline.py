@@ -105,7 +105,10 @@ class LatentSRPipeline:
         trace: Trace | None = None,
         first_index: int = 0,
     ) -> SRResult:
-        """Super-resolve (N, h, w) LR slices in [-1, 1] to (N, s*h, s*w) float32.
+        """Super-resolve (N, h, w) LR slices normalized to the model range to (N, s*h, s*w) float32.
+
+        Values outside [-1, 1] are clipped for the networks only: data consistency and the residual use the LR as
+        given, because it is the measured data.
 
         ``progress(n)`` is called after each batch with the number of slices it held. Slice i is seeded and traced
         as index ``first_index + i`` (a volume's frames continue the numbering). Slices larger than
@@ -127,7 +130,7 @@ class LatentSRPipeline:
             stop = min(start + options.batch_size, lr.shape[0])
             indices = [first_index + i for i in range(start, stop)]
             batch = lr[start:stop].astype(np.float32)
-            sr = self._super_resolve_batch(batch, indices, options, trace)
+            sr = self._super_resolve_batch(np.clip(batch, -1.0, 1.0), indices, options, trace)
             out[start:stop] = self.enforce_consistency(sr, batch, consistency)
             if progress is not None:
                 progress(len(indices))
@@ -139,7 +142,7 @@ class LatentSRPipeline:
         height, width = lr.shape[1:]
         scale = self.bundle.scale
         for i in range(lr.shape[0]):
-            padded = pad_to_multiple(lr[i : i + 1].astype(np.float32), self.bundle.lr_multiple)[0]
+            padded = pad_to_multiple(np.clip(lr[i : i + 1], -1.0, 1.0).astype(np.float32), self.bundle.lr_multiple)[0]
             sr = super_resolve_tiled(self, padded, first_index + i, options, size, overlap)
             sr = sr[None, : height * scale, : width * scale]
             out[i] = self.enforce_consistency(sr, lr[i : i + 1].astype(np.float32), consistency)[0]
@@ -169,6 +172,16 @@ class LatentSRPipeline:
         decoded = self.decode(latent)
         _emit(trace, "decoded_image", indices, decoded)
         return decoded.mean(axis=1)[:, : height * scale, : width * scale]
+
+    def autoencode(self, images: np.ndarray) -> np.ndarray:
+        """decode(encode(x)) of (N, H, W) slices in [-1, 1]: the autoencoder ceiling, posterior mean, (N, H, W).
+
+        What the harness compares SR with: no diffusion model can beat its own autoencoder's reconstruction of HR.
+        """
+        height, width = images.shape[-2:]
+        padded = pad_to_multiple(np.asarray(images, np.float32), self.bundle.vae_factor)
+        latent = self.encode(np.repeat(padded[:, None], self.bundle.image_channels, axis=1), [], "mean")
+        return self.decode(latent).mean(axis=1)[:, :height, :width].astype(np.float32)
 
     def encode(
         self, image: np.ndarray, rngs: list[np.random.Generator], lr_latent: str, eps: np.ndarray | None = None

@@ -5,15 +5,15 @@ model's [-1, 1]):
 
 - HR is the slice centre-cropped to a multiple of the scale s; the measured LR = A(HR) with the bundle's
   degradation operator A (manifest ``task.degradation``; k-space truncation when it names none).
-- The model gets what the engine would get: the LR clipped to [-1, 1], as the engine's normalization clips an
-  acquired image. It super-resolves it once (``first_index`` = the slice's index in its volume, so the noise is the
-  one ``medsr-infer`` would draw for that slice); each consistency mode is then applied to that one decoder output
-  with that clipped LR, as the engine applies it.
-- Baselines get the measured LR itself, unclipped (a baseline is never handicapped): zero-filled k-space,
+- The model gets what the engine gets: the measured LR, which the pipeline clips to [-1, 1] for its networks only.
+  It super-resolves it once (``first_index`` = the slice's index in its volume, so the noise is the one
+  ``medsr-infer`` would draw for that slice); each consistency mode is then applied to that one decoder output with
+  the measured LR, as the engine applies it.
+- Baselines get the same measured LR: zero-filled k-space,
   grid-aligned bicubic and Lanczos upsampling (:func:`medsr.degrade.upsample_baseline`, one geometry with the
   operators: REFERENCE.md section 7).
-- The autoencoder ceiling AE = decode(encode(HR)) through the pipeline's own encode/decode (posterior mean, the
-  bundle's latent scaling), also reported as the configuration ``ae_ceiling``.
+- The autoencoder ceiling AE = decode(encode(HR)) (LatentSRPipeline.autoencode: posterior mean, the bundle's latent
+  scaling), also reported as the configuration ``ae_ceiling``.
 
 Each output is measured against HR on the [-1, 1] scale (data range 2) by :func:`medsr.eval.metrics.image_metrics`;
 hallucination and loss rates use the AE threshold for every configuration; model rows also carry ``ae_psnr``, so
@@ -31,7 +31,7 @@ import numpy as np
 
 from medsr.data.pairs import trim_to_multiple
 from medsr.degrade import BASELINES, consistency_residual, upsample_baseline
-from medsr.engine.pipeline import CONSISTENCY_MODES, LatentSRPipeline, SamplingOptions, pad_to_multiple
+from medsr.engine.pipeline import CONSISTENCY_MODES, LatentSRPipeline, SamplingOptions
 from medsr.errors import InputError
 from medsr.eval.metrics import hallucination_rates, image_metrics
 from medsr.eval.slices import EvalSlice
@@ -98,30 +98,21 @@ class FidelityResult:
     sr_seconds: list[float]
 
 
-def autoencode(pipeline: LatentSRPipeline, hr: np.ndarray) -> np.ndarray:
-    """decode(encode(HR)) of a (H, W) slice: posterior mean, the pipeline's latent scaling, (H, W) float32."""
-    padded = pad_to_multiple(hr[None], pipeline.bundle.vae_factor)
-    image = np.repeat(padded[:, None], pipeline.bundle.image_channels, axis=1)
-    latent = pipeline.encode(image, [], "mean")
-    return pipeline.decode(latent).mean(axis=1)[0, : hr.shape[0], : hr.shape[1]].astype(np.float32)
-
-
 def run_slice(pipeline: LatentSRPipeline, item: EvalSlice, settings: FidelitySettings) -> ImageOutputs:
     """HR, LR and every configuration's output for one slice (see the module docstring)."""
     scale = pipeline.bundle.scale
     hr = trim_to_multiple(item.image, scale).astype(np.float32)
     measured = pipeline.degradation.forward(hr).astype(np.float32)
-    engine_lr = np.clip(measured, -1.0, 1.0)[None]
     started = time.perf_counter()
     options = replace(settings.options, consistency="none")
-    decoded = pipeline.super_resolve(engine_lr, options, first_index=max(item.index, 0)).images
+    decoded = pipeline.super_resolve(measured[None], options, first_index=max(item.index, 0)).images
     sr_seconds = time.perf_counter() - started
     outputs = {
-        config: pipeline.enforce_consistency(decoded, engine_lr, mode)[0]
+        config: pipeline.enforce_consistency(decoded, measured[None], mode)[0]
         for config, mode in zip(settings.model_configs, settings.consistency)
     }
     outputs.update({name: upsample_baseline(measured, name, scale).astype(np.float32) for name in settings.baselines})
-    outputs[AE_CONFIG] = autoencode(pipeline, hr)
+    outputs[AE_CONFIG] = pipeline.autoencode(hr[None])[0]
     return ImageOutputs(item, hr, measured, outputs, sr_seconds)
 
 

@@ -37,14 +37,18 @@ def fit_window(data: np.ndarray, low_percentile: float = 0.5, high_percentile: f
     return IntensityWindow(float(low), float(high))
 
 
-def normalize(data: np.ndarray, window: IntensityWindow) -> tuple[np.ndarray, float]:
-    """Map ``data`` to [-1, 1] through ``window``, clipping outside it.
+def normalize(data: np.ndarray, window: IntensityWindow, clip: bool = True) -> tuple[np.ndarray, float]:
+    """Map ``data`` to [-1, 1] through ``window``, clipping outside it unless ``clip`` is False.
 
-    Returns the float32 array and the fraction of values that were clipped (reported to the user).
+    Returns the float32 array and the fraction of values outside the window (clipped for the model; reported to the
+    user). The engine passes ``clip=False`` so that data consistency sees the measured values; the networks still
+    get them clipped (medsr.engine.pipeline).
     """
     scaled = (np.asarray(data, dtype=np.float64) - window.low) * (2.0 / (window.high - window.low)) - 1.0
     clipped = float(np.mean((scaled < -1.0) | (scaled > 1.0))) if scaled.size else 0.0
-    return np.clip(scaled, -1.0, 1.0).astype(np.float32), clipped
+    if clip:
+        scaled = np.clip(scaled, -1.0, 1.0)
+    return scaled.astype(np.float32), clipped
 
 
 def denormalize(data: np.ndarray, window: IntensityWindow) -> np.ndarray:

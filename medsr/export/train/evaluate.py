@@ -1,7 +1,7 @@
 """Held-out evaluation of an exported bundle against the true HR slices, with the fair baselines.
 
 For every held-out slice (normalized to [-1, 1] as the engine does, trimmed to a multiple of the scale): LR is the
-k-space operator applied to HR; the bundle super-resolves the LR (clipped to [-1, 1], what the engine feeds) through
+k-space operator applied to HR; the bundle super-resolves the LR (clipped to [-1, 1] for the networks, as the engine does) through
 the ONNX Runtime engine, with and without k-space data consistency; zero-filled, bicubic and Lanczos upsampling of the
 same LR (medsr.degrade.upsample_baseline, one geometry) and the autoencoder ceiling (HR encoded to its posterior
 mean and decoded) complete the table. PSNR and SSIM are computed on the [-1, 1] scale (data range 2) over the whole
@@ -44,7 +44,7 @@ def evaluate_bundle(
         for index, item in enumerate(slices):
             hr, lr = make_pair(item.image, op)
             started = time.perf_counter()
-            sr = pipeline.super_resolve(np.clip(lr, -1, 1)[None], options, first_index=index).images[0]
+            sr = pipeline.super_resolve(lr[None], options, first_index=index).images[0]
             seconds["model"] += time.perf_counter() - started
             started = time.perf_counter()
             consistent = kspace_consistency(sr, lr, bundle.scale)
@@ -53,7 +53,7 @@ def evaluate_bundle(
                 "model": sr,
                 "model+kspace": consistent,
                 **{name: upsample_baseline(lr, name, bundle.scale) for name in ("zerofill", "bicubic", "lanczos")},
-                "ae_ceiling": autoencode(pipeline, hr),
+                "ae_ceiling": pipeline.autoencode(hr[None])[0],
             }
             for method, image in outputs.items():
                 scores[method]["psnr"].append(psnr(image, hr, DATA_RANGE))
@@ -65,16 +65,6 @@ def evaluate_bundle(
             "seconds_per_slice": {k: v / len(slices) for k, v in seconds.items()},
         }
     return results
-
-
-def autoencode(pipeline, hr: np.ndarray) -> np.ndarray:
-    """HR (H, W) -> posterior mean -> decoded (H, W): the autoencoder ceiling of the bundle's VAE."""
-    from medsr.engine.pipeline import pad_to_multiple
-
-    f, channels = pipeline.bundle.vae_factor, pipeline.bundle.image_channels
-    padded = pad_to_multiple(hr[None], f)
-    latent = pipeline.encode(np.repeat(padded[:, None], channels, axis=1), [], "mean")
-    return pipeline.decode(latent).mean(axis=1)[0, : hr.shape[0], : hr.shape[1]]
 
 
 def markdown_table(results: dict) -> str:
