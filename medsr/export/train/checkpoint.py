@@ -12,13 +12,12 @@ Layout of ``<run>/checkpoint/``::
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from medsr.errors import CheckpointError
+from medsr.io.atomic import atomic_dir
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -28,22 +27,13 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, ema: dict | None, opt
     from safetensors.torch import save_file
 
     final = run_dir / CHECKPOINT_DIR
-    staging = run_dir / f".{CHECKPOINT_DIR}.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    save_file(_contiguous(model.state_dict()), str(staging / "model.safetensors"))
-    if ema is not None:
-        save_file(_contiguous(ema), str(staging / "ema.safetensors"))
-    torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-    (staging / "state.json").write_text(json.dumps(state, indent=1, sort_keys=True) + "\n")
-    if final.exists():
-        old = run_dir / f".{CHECKPOINT_DIR}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(staging, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, final)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(final, overwrite=True) as staging:
+        save_file(_contiguous(model.state_dict()), str(staging / "model.safetensors"))
+        if ema is not None:
+            save_file(_contiguous(ema), str(staging / "ema.safetensors"))
+        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+        (staging / "state.json").write_text(json.dumps(state, indent=1, sort_keys=True) + "\n")
     return final
 
 
