@@ -66,6 +66,50 @@ class Preset:
         return self.vae_factor * d // math.gcd(self.scale, d)
 
 
+def _grayscale_vae(block_out_channels: tuple[int, ...], latent_channels: int, norm_num_groups: int) -> dict:
+    """AutoencoderKL kwargs of medsr's small grayscale VAEs: one ResNet layer per level, no mid-block attention."""
+    levels = len(block_out_channels)
+    return {
+        "in_channels": 1,
+        "out_channels": 1,
+        "down_block_types": ("DownEncoderBlock2D",) * levels,
+        "up_block_types": ("UpDecoderBlock2D",) * levels,
+        "block_out_channels": block_out_channels,
+        "layers_per_block": 1,
+        "latent_channels": latent_channels,
+        "norm_num_groups": norm_num_groups,
+        "mid_block_add_attention": False,
+    }
+
+
+def _attention_free_unet(block_out_channels: tuple[int, ...], latent_channels: int, norm_num_groups: int, **extra) -> dict:
+    """UNet2DModel kwargs without self-attention (linear cost in H*W) on [noisy latent, LR latent]."""
+    levels = len(block_out_channels)
+    return {
+        "in_channels": 2 * latent_channels,
+        "out_channels": latent_channels,
+        "block_out_channels": block_out_channels,
+        "down_block_types": ("DownBlock2D",) * levels,
+        "up_block_types": ("UpBlock2D",) * levels,
+        "add_attention": False,
+        "layers_per_block": 1,
+        "norm_num_groups": norm_num_groups,
+        **extra,
+    }
+
+
+def _x0_ddim(default_steps: int) -> dict:
+    """x0 prediction on the capped cosine table, sampled by DDIM with trailing spacing."""
+    return {
+        "algorithm": "ddim",
+        "num_train_timesteps": 1000,
+        "beta_schedule": "squaredcos_cap_v2",
+        "prediction_type": "sample",
+        "timestep_spacing": "trailing",
+        "default_steps": default_steps,
+    }
+
+
 def _tiny() -> Preset:
     latent = 4
     return Preset(
@@ -73,36 +117,9 @@ def _tiny() -> Preset:
         description="Tiny model for tests: f=4 VAE (8,16,16), 2-level UNet (16,32), no attention, x4, grayscale.",
         scale=4,
         image_channels=1,
-        vae={
-            "in_channels": 1,
-            "out_channels": 1,
-            "down_block_types": ("DownEncoderBlock2D",) * 3,
-            "up_block_types": ("UpDecoderBlock2D",) * 3,
-            "block_out_channels": (8, 16, 16),
-            "layers_per_block": 1,
-            "latent_channels": latent,
-            "norm_num_groups": 8,
-            "mid_block_add_attention": False,
-        },
-        unet={
-            "in_channels": 2 * latent,
-            "out_channels": latent,
-            "block_out_channels": (16, 32),
-            "down_block_types": ("DownBlock2D", "DownBlock2D"),
-            "up_block_types": ("UpBlock2D", "UpBlock2D"),
-            "add_attention": False,
-            "layers_per_block": 1,
-            "norm_num_groups": 8,
-            "attention_head_dim": 8,
-        },
-        scheduler={
-            "algorithm": "ddim",
-            "num_train_timesteps": 1000,
-            "beta_schedule": "squaredcos_cap_v2",
-            "prediction_type": "sample",
-            "timestep_spacing": "trailing",
-            "default_steps": 4,
-        },
+        vae=_grayscale_vae((8, 16, 16), latent, norm_num_groups=8),
+        unet=_attention_free_unet((16, 32), latent, norm_num_groups=8, attention_head_dim=8),
+        scheduler=_x0_ddim(default_steps=4),
     )
 
 
@@ -136,35 +153,9 @@ def _default() -> Preset:
         description="Default model: x4 MRI (k-space LR), f=1 VAE (16), 4 latents, 3-level UNet (32,64,128), x0.",
         scale=4,
         image_channels=1,
-        vae={
-            "in_channels": 1,
-            "out_channels": 1,
-            "down_block_types": ("DownEncoderBlock2D",),
-            "up_block_types": ("UpDecoderBlock2D",),
-            "block_out_channels": (16,),
-            "layers_per_block": 1,
-            "latent_channels": latent,
-            "norm_num_groups": 8,
-            "mid_block_add_attention": False,
-        },
-        unet={
-            "in_channels": 2 * latent,
-            "out_channels": latent,
-            "block_out_channels": (32, 64, 128),
-            "down_block_types": ("DownBlock2D",) * 3,
-            "up_block_types": ("UpBlock2D",) * 3,
-            "add_attention": False,
-            "layers_per_block": 1,
-            "norm_num_groups": 16,
-        },
-        scheduler={
-            "algorithm": "ddim",
-            "num_train_timesteps": 1000,
-            "beta_schedule": "squaredcos_cap_v2",
-            "prediction_type": "sample",
-            "timestep_spacing": "trailing",
-            "default_steps": 1,
-        },
+        vae=_grayscale_vae((16,), latent, norm_num_groups=8),
+        unet=_attention_free_unet((32, 64, 128), latent, norm_num_groups=16),
+        scheduler=_x0_ddim(default_steps=1),
         degradation={"name": "kspace", "scale": 4},
         consistency="kspace",
     )
