@@ -65,7 +65,7 @@ def test_pair_is_the_degradation_of_hr(modality, operator, scale):
 def test_crops_are_aligned_windows_of_the_whole_slice_pair(volume_path):
     slices = source_slices(Source("vol", volume_path, "mri", axes=(2,)))[:1]
     hr_full, lr_full = make_pair(slices[0].image, degradation_for("mri", 4))
-    hr, lr = random_crop_pairs(slices, 5, 16, 4, np.random.default_rng(2), augment=False)
+    hr, lr, _ = random_crop_pairs(slices, 5, 16, 4, np.random.default_rng(2), augment=False)
     assert hr.shape == (5, 16, 16) and lr.shape == (5, 4, 4)
     for hr_crop, lr_crop in zip(hr, lr):
         ((i, j),) = [
@@ -79,7 +79,7 @@ def test_crops_are_aligned_windows_of_the_whole_slice_pair(volume_path):
 
 def test_augmented_crops_pair_with_the_degradation_of_the_flipped_slice(volume_path):
     slices = source_slices(Source("vol", volume_path, "mri", axes=(2,)))[:1]
-    hr, lr = random_crop_pairs(slices, 3, 40, 4, np.random.default_rng(3))
+    hr, lr, _ = random_crop_pairs(slices, 3, 40, 4, np.random.default_rng(3))
     for hr_crop, lr_crop in zip(hr, lr):
         matches = []
         for k in range(8):

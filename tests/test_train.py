@@ -4,6 +4,7 @@ into medsr-export, and the CLI runs."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from safetensors.torch import load_file
 
 from medsr.cli.train import cli
 from medsr.data.pairs import Slice
+from medsr.engine.conditioning import UPSAMPLED, Conditioning
 from medsr.engine.schedulers import SchedulerConfig
 from medsr.errors import CheckpointError, InputError
 from medsr.export.builder import build_models
@@ -81,6 +83,19 @@ def test_denoiser_training_lowers_the_loss_and_exports(tmp_path, slices, vae_fil
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
     _, _, provenance = build_models(TINY, str(out))  # the file medsr-export --weights takes
     assert provenance["weights"]["source"] == "file"
+
+
+def test_denoiser_trains_on_whole_slice_zero_fills_under_the_upsampled_conditioning(tmp_path, slices, vae_file):
+    preset = dataclasses.replace(TINY, conditioning=Conditioning(UPSAMPLED, "zerofill", residual=True))
+    loop = LoopConfig(steps=20, batch_size=8, lr=3e-3, ema_decay=0.9, log_every=1, checkpoint_every=20)
+    objective = DenoiserConfig(pairs=16, crop=32, loss="l2", terminal_fraction=0.5)
+    out = train_denoiser(tmp_path, preset, vae_file, slices, loop, objective, torch.device("cpu"), progress=False)
+    cache = load_file(str(tmp_path / denoiser_module.LATENT_CACHE))
+    assert cache["lr"].shape == cache["hr"].shape == (16, 4, 8, 8)  # HR-size conditioning latents
+    losses = _losses(tmp_path)
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+    _, unet, _ = build_models(preset, str(out))
+    assert unet.config.in_channels == 8
 
 
 def _denoiser_run(run_dir, slices, vae_file, resume=False):

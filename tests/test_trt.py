@@ -15,8 +15,8 @@ from trt_fakes import FakeCuda, fake_bundle, fake_tensorrt
 from medsr.engine.cuda import CudaRuntime, GpuInfo
 from medsr.engine.profiles import ShapeProfile, choose_profile, graph_input_shapes, range_profiles, static_profiles
 from medsr.engine.trt import PlanCache, PlanKey, TrtSession, open_trt_sessions
-from medsr.errors import BackendError, ShapeError
 from medsr.engine.trt_build import build_plan, choose_precision, pin_fp32_layers, precision_plan
+from medsr.errors import BackendError, ShapeError
 
 KEY = PlanKey("denoiser", "ab" * 32, "fp16", "1x3x64x64_1x3x16x16_1", "10.8.0", "NVIDIA H100 80GB HBM3", "9.0")
 

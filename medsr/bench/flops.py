@@ -17,7 +17,7 @@ def graph_flops(bundle, lr_height: int, lr_width: int) -> dict[str, float]:
     from medsr.export.models import graph_modules
     from medsr.export.reference import load_reference_models
 
-    modules = graph_modules(*load_reference_models(bundle))
+    modules = graph_modules(*load_reference_models(bundle), bundle.conditioning)
     shapes = graph_input_shapes(bundle, 1, lr_height, lr_width)
     flops = {}
     for name, module in modules.items():

@@ -9,12 +9,13 @@ boundary conditions as an acquired image; an LR crop at LR offset (i, j) is the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 from medsr.data.images import load_source, training_window
 from medsr.data.sources import Source
-from medsr.degrade import Degradation, make_degradation
+from medsr.degrade import Degradation, make_degradation, upsample_baseline
 from medsr.errors import InputError, ShapeError
 from medsr.io.normalize import normalize
 
@@ -91,14 +92,30 @@ def dihedral(image: np.ndarray, k: int) -> np.ndarray:
     return np.ascontiguousarray(out.T if k >= 4 else out)
 
 
+class CropPairs(NamedTuple):
+    """Aligned crops, float32: HR (n, H, H), LR (n, H/s, H/s) and, when asked for, the crop of the whole LR slice
+    clipped to [-1, 1] (as the engine clips it for its networks) and upsampled by a medsr.degrade baseline (n, H, H)."""
+
+    hr: np.ndarray
+    lr: np.ndarray
+    upsampled: np.ndarray | None = None
+
+
 def random_crop_pairs(
-    slices: list[Slice], count: int, hr_size: int, scale: int, rng: np.random.Generator, augment: bool = True
-) -> tuple[np.ndarray, np.ndarray]:
+    slices: list[Slice],
+    count: int,
+    hr_size: int,
+    scale: int,
+    rng: np.random.Generator,
+    augment: bool = True,
+    upsampler: str | None = None,
+) -> CropPairs:
     """``count`` aligned crops: HR (count, hr_size, hr_size) and LR (count, hr_size/s, hr_size/s), float32.
 
     Each crop picks a slice uniformly, optionally one of its 8 flips/rotations, degrades the whole slice with its
-    modality's operator and cuts an HR window at a multiple of s together with the matching LR window. Slices
-    smaller than ``hr_size`` (after trimming to a multiple of s) are never picked.
+    modality's operator and cuts an HR window at a multiple of s together with the matching LR window (and the
+    window of the whole LR slice's ``upsampler`` baseline, when given). Slices smaller than ``hr_size`` (after
+    trimming to a multiple of s) are never picked.
     """
     if hr_size % scale:
         raise ShapeError(f"HR crop size {hr_size} must be a multiple of the scale {scale}")
@@ -109,15 +126,19 @@ def random_crop_pairs(
     lr_size = hr_size // scale
     hr_out = np.empty((count, hr_size, hr_size), np.float32)
     lr_out = np.empty((count, lr_size, lr_size), np.float32)
+    up_out = np.empty((count, hr_size, hr_size), np.float32) if upsampler else None
     for n in range(count):
         chosen = usable[rng.integers(len(usable))]
         image = dihedral(chosen.image, int(rng.integers(8))) if augment else chosen.image
         hr, lr = make_pair(image, ops[chosen.modality])
         i = int(rng.integers(lr.shape[0] - lr_size + 1))
         j = int(rng.integers(lr.shape[1] - lr_size + 1))
-        hr_out[n] = hr[scale * i : scale * (i + lr_size), scale * j : scale * (j + lr_size)]
+        window = (slice(scale * i, scale * (i + lr_size)), slice(scale * j, scale * (j + lr_size)))
+        hr_out[n] = hr[window]
         lr_out[n] = lr[i : i + lr_size, j : j + lr_size]
-    return hr_out, lr_out
+        if up_out is not None:
+            up_out[n] = upsample_baseline(np.clip(lr, -1.0, 1.0), upsampler, scale)[window]
+    return CropPairs(hr_out, lr_out, up_out)
 
 
 def random_crops(slices: list[Slice], count: int, size: int, rng: np.random.Generator) -> np.ndarray:

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from medsr.engine.conditioning import Conditioning
 from medsr.engine.graphs import GRAPHS
 from medsr.errors import BundleError
 
@@ -77,6 +78,11 @@ class Bundle:
     @property
     def latent_channels(self) -> int:
         return int(self.manifest["vae"]["latent_channels"])
+
+    @property
+    def conditioning(self) -> Conditioning:
+        """How the denoiser sees the LR slice (medsr.engine.conditioning)."""
+        return Conditioning.from_manifest(self.manifest["denoiser"])
 
     @property
     def scheduler(self) -> dict:
@@ -144,6 +150,10 @@ def load_bundle(path: str | os.PathLike, verify_hashes: bool = True) -> Bundle:
     _require(manifest["task"], _TASK_FIELDS, "task", manifest_path)
     _require(manifest["vae"], _VAE_FIELDS, "vae", manifest_path)
     _require(manifest["denoiser"], ("prediction_type",), "denoiser", manifest_path)
+    try:
+        Conditioning.from_manifest(manifest["denoiser"])
+    except BundleError as exc:
+        raise BundleError(f"{manifest_path}: {exc}") from None
     unknown = sorted(set(manifest["graphs"]) - set(GRAPHS))
     missing = sorted(set(GRAPHS) - set(manifest["graphs"]))
     if unknown or missing:

@@ -94,6 +94,7 @@ class LatentSRPipeline:
         vae = bundle.manifest["vae"]
         self.scaling_factor = float(vae["scaling_factor"])
         self.shift_factor = float(vae["shift_factor"])
+        self.conditioning = bundle.conditioning
         degradation = bundle.manifest["task"].get("degradation") or {"name": "kspace", "scale": bundle.scale}
         self.degradation = degradation_from_dict(degradation)
 
@@ -163,7 +164,7 @@ class LatentSRPipeline:
         scale, channels = self.bundle.scale, self.bundle.image_channels
         height, width = lr.shape[-2:]
         padded = pad_to_multiple(lr, self.bundle.lr_multiple)
-        image = np.repeat(padded[:, None], channels, axis=1)
+        image = np.repeat(self.conditioning.image(padded, scale)[:, None], channels, axis=1)
         rngs = [np.random.default_rng([options.seed, index]) for index in indices]
         z_lr = self.encode(image, rngs, options.lr_latent or self.bundle.manifest["vae"]["lr_latent"])
         _emit(trace, "lr_latent", indices, z_lr)
@@ -209,8 +210,10 @@ class LatentSRPipeline:
         indices: Sequence[int],
         trace: Trace | None = None,
     ) -> np.ndarray:
-        """Run the sampler from seeded noise to the HR latent (B, C_lat, s*h, s*w), conditioned on ``z_lr``."""
-        shape = (z_lr.shape[1], z_lr.shape[2] * self.bundle.scale, z_lr.shape[3] * self.bundle.scale)
+        """Run the sampler from seeded noise to the HR latent (B, C_lat, s*h, s*w), conditioned on ``z_lr`` (the
+        latent of the LR slices (B, C_lat, h, w), or of their upsampling to (B, C_lat, s*h, s*w))."""
+        zoom = self.bundle.scale // self.conditioning.zoom(self.bundle.scale)
+        shape = (z_lr.shape[1], z_lr.shape[2] * zoom, z_lr.shape[3] * zoom)
 
         def draw() -> np.ndarray:
             return np.stack([rng.standard_normal(shape, dtype=np.float32) for rng in rngs])

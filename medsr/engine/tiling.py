@@ -8,7 +8,9 @@ decoder on its own, so the model's working memory is that of one batch of tiles,
 Noise: the tiles run in lockstep through one sampler over the stack of tiles, and each tile's noise (LR posterior
 sample, initial noise, per-step noise of stochastic samplers) is the crop of the array the untiled slice would have
 drawn from its own generator ``default_rng([seed, slice_index])``. Overlapping tiles therefore start from the same
-noise, and a slice that fits in one tile gives exactly the untiled result.
+noise, and a slice that fits in one tile gives exactly the untiled result. Under the ``upsampled_latent_concat``
+conditioning the whole slice is upsampled once and the tiles' conditioning images are cut from it, as training cuts
+its crops from whole-slice upsamplings.
 
 Blending: each SR tile is weighted by a separable window that is 1 inside and ramps as sin^2 over its overlap with
 each neighbour (cos^2 toward it), so two neighbours' weights sum to 1 across their overlap, and the tile's outermost
@@ -87,9 +89,10 @@ def super_resolve_tiled(pipeline, lr: np.ndarray, index: int, options, size: int
     rng = np.random.default_rng([options.seed, index])
     channels = bundle.latent_channels
     lr_latent = options.lr_latent or bundle.manifest["vae"]["lr_latent"]
+    zoom = pipeline.conditioning.zoom(scale)  # conditioning image size / LR size
     eps = None
     if lr_latent == "sample":
-        eps = rng.standard_normal((channels, height // factor, width // factor), dtype=np.float32)
+        eps = rng.standard_normal((channels, zoom * height // factor, zoom * width // factor), dtype=np.float32)
     hr_shape = (channels, scale * height // factor, scale * width // factor)
 
     def crops(array: np.ndarray, zoom: int) -> np.ndarray:
@@ -106,9 +109,12 @@ def super_resolve_tiled(pipeline, lr: np.ndarray, index: int, options, size: int
         )
 
     chunk = max(1, options.batch_size)
-    tiles = np.stack([lr[y : y + tile_h, x : x + tile_w] for y, x in boxes]).astype(np.float32)
+    condition = pipeline.conditioning.image(lr, scale)  # of the whole slice, as in training, then cut into tiles
+    tiles = np.stack(
+        [condition[zoom * y : zoom * (y + tile_h), zoom * x : zoom * (x + tile_w)] for y, x in boxes]
+    ).astype(np.float32)
     image = np.repeat(tiles[:, None], bundle.image_channels, axis=1)
-    eps_tiles = crops(eps, 1) if eps is not None else None
+    eps_tiles = crops(eps, zoom) if eps is not None else None
     z_lr = np.concatenate(
         [
             pipeline.encode(image[a : a + chunk], [], lr_latent, eps=None if eps is None else eps_tiles[a : a + chunk])

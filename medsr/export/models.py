@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DModel
 from torch import nn
 
+from medsr.engine.conditioning import PAPER, Conditioning
+
 # Posterior log-variance clamp of the CompVis/diffusers DiagonalGaussianDistribution (REFERENCE.md section 2).
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
@@ -57,28 +59,34 @@ class VaeDecoderGraph(nn.Module):
 
 
 class ConditionedDenoiser(nn.Module):
-    """The latent-SR denoiser of arXiv 2604.12152: UNet2DModel on [noisy HR latent, upsampled LR latent].
+    """The latent-SR denoiser of arXiv 2604.12152: UNet2DModel on [noisy HR latent, conditioning latent].
 
-    The LR latent, encoded at the LR image's own size, is upsampled bilinearly (align_corners=False, the one
-    centre-aligned geometry of medsr) to the sample's size and concatenated on channels, inside the graph, so the
-    engine never resizes latents. The output is what the manifest's ``denoiser.prediction_type`` says
-    (x0, epsilon, v or flow velocity).
+    Under the paper's conditioning the LR latent, encoded at the LR image's own size, is upsampled bilinearly
+    (align_corners=False, the one centre-aligned geometry of medsr) to the sample's size inside the graph, so the
+    engine never resizes latents; under ``upsampled_latent_concat`` it already has the sample's size
+    (medsr.engine.conditioning). The output is what the manifest's ``denoiser.prediction_type`` says (x0, epsilon, v
+    or flow velocity); a residual denoiser adds the conditioning latent to the network's x0.
     """
 
-    def __init__(self, unet: UNet2DModel):
+    def __init__(self, unet: UNet2DModel, conditioning: Conditioning = PAPER):
         super().__init__()
         self.unet = unet
+        self.upsample = conditioning.upsamples_in_graph
+        self.residual = conditioning.residual
 
     def forward(self, sample: torch.Tensor, lr_latent: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        condition = F.interpolate(lr_latent, size=sample.shape[-2:], mode="bilinear", align_corners=False)
-        return self.unet(torch.cat([sample, condition], dim=1), timestep).sample
+        condition = lr_latent
+        if self.upsample:
+            condition = F.interpolate(lr_latent, size=sample.shape[-2:], mode="bilinear", align_corners=False)
+        output = self.unet(torch.cat([sample, condition], dim=1), timestep).sample
+        return output + condition if self.residual else output
 
 
-def graph_modules(vae: AutoencoderKL, unet: UNet2DModel) -> dict[str, nn.Module]:
+def graph_modules(vae: AutoencoderKL, unet: UNet2DModel, conditioning: Conditioning = PAPER) -> dict[str, nn.Module]:
     """The three bundle graphs as eval-mode modules, keyed by graph name."""
     modules = {
         "vae_encoder": VaeEncoderGraph(vae),
         "vae_decoder": VaeDecoderGraph(vae),
-        "denoiser": ConditionedDenoiser(unet),
+        "denoiser": ConditionedDenoiser(unet, conditioning),
     }
     return {name: module.eval() for name, module in modules.items()}

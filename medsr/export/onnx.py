@@ -41,6 +41,7 @@ def example_inputs(preset: Preset, shape: ExampleShape, seed: int = 0) -> dict[s
     generator = torch.Generator().manual_seed(seed)
     f, s, c_lat = preset.vae_factor, preset.scale, preset.latent_channels
     lr_h, lr_w = shape.lr_height // f, shape.lr_width // f
+    zoom = preset.conditioning.zoom(s)  # the conditioning latent is that of the LR or of its upsampling
 
     def randn(*size: int) -> torch.Tensor:
         return torch.randn(*size, generator=generator)
@@ -52,7 +53,7 @@ def example_inputs(preset: Preset, shape: ExampleShape, seed: int = 0) -> dict[s
         "vae_decoder": {"latent": randn(shape.batch, c_lat, lr_h * s, lr_w * s)},
         "denoiser": {
             "sample": randn(shape.batch, c_lat, lr_h * s, lr_w * s),
-            "lr_latent": randn(shape.batch, c_lat, lr_h, lr_w),
+            "lr_latent": randn(shape.batch, c_lat, zoom * lr_h, zoom * lr_w),
             "timestep": torch.rand(shape.batch, generator=generator) * 999.0,
         },
     }
@@ -155,7 +156,7 @@ def build_manifest(preset: Preset, graphs: dict, validation: dict, provenance: d
         },
         "denoiser": {
             "prediction_type": preset.scheduler["prediction_type"],
-            "conditioning": "lr_latent_bilinear_concat",
+            **preset.conditioning.to_manifest(),
         },
         "scheduler": SchedulerConfig(**preset.scheduler).to_dict(),
         "graphs": graphs,
@@ -198,7 +199,7 @@ def export_bundle(
 def write_bundle(vae, unet, preset: Preset, directory: Path, provenance: dict) -> None:
     """Write the graphs, their validation against PyTorch, the reference weights and medsr.json into the existing
     empty ``directory``."""
-    modules = graph_modules(vae.eval(), unet.eval())
+    modules = graph_modules(vae.eval(), unet.eval(), preset.conditioning)
     first, second = validation_shapes(preset)
     export_inputs = example_inputs(preset, ExampleShape(2, first.lr_height, first.lr_width), seed=0)
     checks = [example_inputs(preset, shape, seed=1 + i) for i, shape in enumerate((first, second))]

@@ -59,4 +59,7 @@ def open_torch_sessions(bundle: Bundle, device: str = "cpu", threads: int | None
     if threads:
         torch.set_num_threads(threads)
     vae, unet = load_reference_models(bundle)
-    return {name: TorchSession(module, name, device) for name, module in graph_modules(vae, unet).items()}
+    return {
+        name: TorchSession(module, name, device)
+        for name, module in graph_modules(vae, unet, bundle.conditioning).items()
+    }

@@ -79,7 +79,9 @@ def encode_latents(vae, images: np.ndarray, preset: Preset, chunk: int = 64) -> 
 
 
 def build_latent_cache(run_dir: Path, vae, preset: Preset, slices: list[Slice], objective: DenoiserConfig, seed: int):
-    """(hr latents, lr latents), encoded once and stored in ``run_dir/latents.safetensors`` (reused if present)."""
+    """(hr latents, conditioning latents), encoded once and stored in ``run_dir/latents.safetensors`` (reused if
+    present). The conditioning latent is the LR crop's, or the HR-size crop of the whole LR slice's upsampling under
+    the preset's ``upsampled_latent_concat`` conditioning (medsr.engine.conditioning), as the engine encodes it."""
     from safetensors.torch import load_file, save_file
 
     path = run_dir / LATENT_CACHE
@@ -90,8 +92,12 @@ def build_latent_cache(run_dir: Path, vae, preset: Preset, slices: list[Slice], 
     if objective.crop % multiple:
         raise ShapeError(f"denoiser crop {objective.crop} must be a multiple of lr_multiple * scale = {multiple}")
     rng = np.random.default_rng([seed, 2**32 - 1])  # not a step's stream
-    hr, lr = random_crop_pairs(slices, objective.pairs, objective.crop, preset.scale, rng)
-    cache = {"hr": encode_latents(vae, hr, preset), "lr": encode_latents(vae, lr, preset)}
+    conditioning = preset.conditioning
+    pairs = random_crop_pairs(
+        slices, objective.pairs, objective.crop, preset.scale, rng, upsampler=conditioning.upsampler
+    )
+    condition = pairs.lr if conditioning.upsampler is None else pairs.upsampled
+    cache = {"hr": encode_latents(vae, pairs.hr, preset), "lr": encode_latents(vae, condition, preset)}
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(cache, str(tmp))
@@ -159,7 +165,7 @@ def train_denoiser(
     hr_latents, lr_latents = build_latent_cache(run_dir, vae, preset, slices, objective, loop.seed)
     torch.manual_seed(loop.seed)
     unet = build_unet(preset.unet)
-    model = ConditionedDenoiser(unet).to(device).train()
+    model = ConditionedDenoiser(unet, preset.conditioning).to(device).train()
     hr_np, lr_np = hr_latents.numpy(), lr_latents.numpy()
 
     def loss_fn(step: int, rng: np.random.Generator, generator: torch.Generator):

@@ -1,0 +1,85 @@
+"""How the denoiser sees the low-resolution slice: the manifest's ``denoiser`` conditioning fields.
+
+Two modes, both concatenating a conditioning latent to the noisy HR latent on channels inside the denoiser graph:
+
+- ``lr_latent_bilinear_concat`` (the paper's): the LR slice is encoded at its own size, and the graph upsamples that
+  latent bilinearly (centre-aligned) to the HR latent size.
+- ``upsampled_latent_concat``: the engine first upsamples the LR slice to the HR size with ``upsampler``, a fair
+  baseline of medsr.degrade (``zerofill`` is the pseudo-inverse of k-space truncation: every measured frequency kept
+  exactly, nothing invented), and encodes that HR-size image; the graph takes the latent as it is. The denoiser then
+  only has to add what the baseline lacks, and the measured data reach it without a learned upsampling.
+
+``residual``: the graph returns the conditioning latent (at the HR latent size) plus the network's output, so an x0
+model learns the correction to the baseline rather than the whole image. Only meaningful for x0 prediction.
+
+Older manifests name only the mode; the other fields default to the paper's convention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from medsr.degrade import BASELINES, upsample_baseline
+from medsr.errors import BundleError
+
+BILINEAR = "lr_latent_bilinear_concat"
+UPSAMPLED = "upsampled_latent_concat"
+MODES = (BILINEAR, UPSAMPLED)
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """The denoiser's conditioning convention (see the module docstring)."""
+
+    mode: str = BILINEAR
+    upsampler: str | None = None
+    residual: bool = False
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise BundleError(f"denoiser conditioning must be one of {MODES}, got {self.mode!r}")
+        if (self.mode == UPSAMPLED) != (self.upsampler is not None):
+            raise BundleError(f"denoiser conditioning {self.mode!r} takes an upsampler only in mode {UPSAMPLED!r}")
+        if self.upsampler is not None and self.upsampler not in BASELINES:
+            raise BundleError(f"denoiser upsampler must be one of {BASELINES}, got {self.upsampler!r}")
+
+    @classmethod
+    def from_manifest(cls, denoiser: dict) -> Conditioning:
+        """From the manifest's ``denoiser`` section (a missing mode is the paper's)."""
+        conditioning = cls(
+            mode=denoiser.get("conditioning", BILINEAR),
+            upsampler=denoiser.get("upsampler"),
+            residual=bool(denoiser.get("residual", False)),
+        )
+        if conditioning.residual and denoiser.get("prediction_type") != "sample":
+            raise BundleError("a residual denoiser must predict x0 (prediction_type 'sample')")
+        return conditioning
+
+    def to_manifest(self) -> dict:
+        """The manifest's ``denoiser`` fields of this convention."""
+        fields = {"conditioning": self.mode, "residual": self.residual}
+        if self.upsampler is not None:
+            fields["upsampler"] = self.upsampler
+        return fields
+
+    @property
+    def upsamples_in_graph(self) -> bool:
+        """Whether the denoiser graph resizes its conditioning latent (else it comes at the HR latent size)."""
+        return self.mode == BILINEAR
+
+    def zoom(self, scale: int) -> int:
+        """Size of the encoded conditioning image relative to the LR slice: 1, or ``scale`` when upsampled first."""
+        return 1 if self.mode == BILINEAR else scale
+
+    def image(self, lr: np.ndarray, scale: int) -> np.ndarray:
+        """The image the VAE encoder sees for LR slices (..., h, w) in [-1, 1]: themselves, or upsampled to
+        (..., s*h, s*w) float32."""
+        if self.mode == BILINEAR:
+            return lr
+        return upsample_baseline(lr, self.upsampler, scale).astype(np.float32)
+
+
+#: The paper's convention: what a manifest without conditioning fields means.
+PAPER = Conditioning()
