@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -13,7 +14,9 @@ pytest.importorskip("torch")
 from medsr.bench.engines import EngineSpec
 from medsr.bench.stages import Timeline
 from medsr.cli.bench import bench
+from medsr.engine.conditioning import UPSAMPLED, Conditioning
 from medsr.errors import BackendError
+from medsr.export.presets import get_preset
 
 
 def test_help_lists_engines_and_presets():
@@ -55,7 +58,7 @@ def test_small_run_writes_json_and_markdown(tiny_bundle, tmp_path, monkeypatch):
 
     monkeypatch.setattr(run, "gemm_ceilings", lambda threads, device: {"fp32": 100.0, "bf16": 400.0})
     work = tmp_path / "work"
-    shutil.copytree(tiny_bundle, work / "tiny")  # reused by name, not exported again
+    shutil.copytree(tiny_bundle, run.bundle_dir(get_preset("tiny"), work))  # reused, not exported again
     args = ["--preset", "tiny", "--engine", "torch", "--engine", "ort", "--batch-size", "1", "--batch-size", "2",
             "--slices", "2", "--lr-size", "16", "--steps", "1", "--repeats", "1", "--threads", "1",
             "--work-dir", str(work), "-o", str(tmp_path / "out"), "--tag", "t"]  # fmt: skip
@@ -71,3 +74,14 @@ def test_small_run_writes_json_and_markdown(tiny_bundle, tmp_path, monkeypatch):
     assert ort_row["denoiser_peak_fraction"]["bf16"] == pytest.approx(ort_row["gflops"]["denoiser"] / 400.0)
     markdown = (tmp_path / "out" / "t.md").read_text()
     assert "| 2 | ort |" in markdown and "fp32 100, bf16 400" in markdown and "load average" in markdown
+
+
+def test_an_edited_preset_gets_its_own_bundle_folder(tmp_path):
+    """A benchmark must not reuse a bundle exported from an earlier definition of the preset."""
+    from medsr.bench.run import bundle_dir
+
+    tiny = get_preset("tiny")
+    edited = dataclasses.replace(tiny, conditioning=Conditioning(UPSAMPLED, "zerofill", residual=True))
+    assert bundle_dir(tiny, tmp_path) == bundle_dir(get_preset("tiny"), tmp_path)
+    assert bundle_dir(edited, tmp_path) != bundle_dir(tiny, tmp_path)
+    assert bundle_dir(edited, tmp_path).name.startswith("tiny-")

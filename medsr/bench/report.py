@@ -46,7 +46,7 @@ def markdown(report: dict) -> str:
         lines += [
             (
                 f"## {model['preset']}: x{model['scale']} to {model['hr_size']}x{model['hr_size']} (random weights; "
-                f"VAE {model['parameters']['vae'] / 1e6:.1f}M, UNet {model['parameters']['unet'] / 1e6:.1f}M parameters)"
+                f"VAE {_count(model['parameters']['vae'])}, UNet {_count(model['parameters']['unet'])} parameters)"
             ),
             "",
             "GFLOP per slice: "
@@ -85,3 +85,8 @@ def write_report(report: dict, out_dir: Path, tag: str) -> tuple[Path, Path]:
     json_path.write_text(json.dumps({**report, "summary": summarize(report)}, indent=1) + "\n", encoding="utf-8")
     md_path.write_text(markdown(report) + "\n", encoding="utf-8")
     return json_path, md_path
+
+
+def _count(parameters: int) -> str:
+    """A parameter count for a heading: 2.5M, 35k."""
+    return f"{parameters / 1e6:.1f}M" if parameters >= 1e6 else f"{parameters / 1e3:.0f}k"

@@ -8,6 +8,8 @@ one repeat and the median over repeats is reported, as are the median seconds an
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import tempfile
 import time
@@ -44,20 +46,29 @@ class BenchConfig:
     work_dir: Path = Path(tempfile.gettempdir()) / "medsr-bench"
 
 
+def bundle_dir(preset, work_dir: Path) -> Path:
+    """Where the random-weight bundle of ``preset`` (a medsr.export.presets.Preset) lives under ``work_dir``: named
+    after a digest of the preset's whole definition, so a preset edited since (another architecture or conditioning)
+    gets a fresh export instead of silently benchmarking the old one."""
+    definition = json.dumps(dataclasses.asdict(preset), sort_keys=True, default=str)
+    return work_dir / f"{preset.name}-{hashlib.sha256(definition.encode()).hexdigest()[:12]}"
+
+
 def ensure_bundle(preset_name: str, work_dir: Path):
-    """A random-weight bundle of ``preset_name`` under ``work_dir`` (exported once, reused while it validates)."""
+    """A random-weight bundle of ``preset_name`` under ``work_dir`` (:func:`bundle_dir`), exported once and reused
+    while it validates."""
     from medsr.engine.bundle import load_bundle
     from medsr.errors import BundleError
+    from medsr.export.presets import get_preset
 
-    path = work_dir / preset_name
+    preset = get_preset(preset_name)
+    path = bundle_dir(preset, work_dir)
     try:
         return load_bundle(path)
     except BundleError:
         from medsr.export.builder import build_models
         from medsr.export.onnx import export_bundle
-        from medsr.export.presets import get_preset
 
-        preset = get_preset(preset_name)
         vae, unet, provenance = build_models(preset, seed=0)
         export_bundle(vae, unet, preset, path, provenance, overwrite=True)
         return load_bundle(path)
