@@ -147,6 +147,11 @@ def test_checkpoint_refusals(tmp_path, slices, vae_file):
         _denoiser_run(tmp_path / "empty", slices, vae_file, resume=True)
 
 
+def test_negative_contrast_copies_are_refused():
+    with pytest.raises(InputError, match="contrast_copies must be >= 0"):
+        DenoiserConfig(contrast_copies=-1)
+
+
 def test_learning_rate_schedule():
     loop = LoopConfig(steps=110, batch_size=1, lr=1e-3, min_lr=1e-5, warmup_steps=10)
     assert loop.learning_rate(0) == pytest.approx(1e-4)
@@ -204,9 +209,12 @@ def test_cli_tiny_runs(tmp_path):
     result = runner.invoke(cli, ["vae", *common, "-o", str(tmp_path / "vae")])
     assert result.exit_code == 0, result.output
     vae = tmp_path / "vae" / "vae.safetensors"
-    result = runner.invoke(cli, ["denoiser", *common, "--vae", str(vae), "--pairs", "4", "-o", str(tmp_path / "d")])
+    options = ["--pairs", "4", "--terminal-fraction", "0.5", "--contrast-copies", "1"]
+    result = runner.invoke(cli, ["denoiser", *common, "--vae", str(vae), *options, "-o", str(tmp_path / "d")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "d" / "weights.safetensors").is_file()
+    objective = json.loads((tmp_path / "d" / "checkpoint" / "state.json").read_text())["objective"]
+    assert objective["terminal_fraction"] == 0.5 and objective["contrast_copies"] == 1
     result = runner.invoke(cli, ["vae", *common, "-o", str(tmp_path / "vae")])  # exists, no --resume
     assert result.exit_code == 1 and "--resume" in result.output
     result = runner.invoke(cli, ["vae", *common[:2], "--source", "nope", "-o", str(tmp_path / "x")])

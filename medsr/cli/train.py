@@ -147,6 +147,20 @@ def vae(crop, kl_weight, init, **kw):
 @click.option("--crop", type=click.IntRange(min=8), default=64, show_default=True, help="HR crop size in pixels.")
 @click.option("--loss", type=click.Choice(["l1", "l2"]), default="l1", show_default=True)
 @click.option(
+    "--terminal-fraction",
+    type=click.FloatRange(0.0, 1.0),
+    default=0.0,
+    show_default=True,
+    help="Fraction of each batch trained at the noisiest time, where a 1-step sampler evaluates the model.",
+)
+@click.option(
+    "--contrast-copies",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Randomly remapped-contrast copies of every training slice (medsr.data.augment).",
+)
+@click.option(
     "--prediction-type",
     type=click.Choice(["epsilon", "v_prediction", "sample", "flow"]),
     help="Override the preset's target (x0 = sample).",
@@ -157,13 +171,19 @@ def vae(crop, kl_weight, init, **kw):
     help="Override the preset's schedule.",
 )
 @medsr_errors
-def denoiser(vae_weights, pairs, crop, loss, prediction_type, beta_schedule, **kw):
+def denoiser(vae_weights, pairs, crop, loss, terminal_fraction, contrast_copies, prediction_type, beta_schedule, **kw):
     """Train the preset's denoiser on cached latents of a frozen VAE."""
     from medsr.export.train.denoiser import DenoiserConfig, train_denoiser
 
     preset, slices, device, note = _setup(kw)
     objective = DenoiserConfig(
-        pairs=pairs, crop=crop, loss=loss, prediction_type=prediction_type, beta_schedule=beta_schedule
+        pairs=pairs,
+        crop=crop,
+        loss=loss,
+        terminal_fraction=terminal_fraction,
+        contrast_copies=contrast_copies,
+        prediction_type=prediction_type,
+        beta_schedule=beta_schedule,
     )
     out = train_denoiser(
         kw["run_dir"],

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medsr.data.augment import with_contrast_copies
 from medsr.data.pairs import Slice, random_crop_pairs
 from medsr.engine.schedulers import SchedulerConfig, add_noise, training_target
 from medsr.errors import InputError, ShapeError
@@ -38,6 +39,8 @@ class DenoiserConfig:
         loss: ``"l1"`` (the paper's) or ``"l2"`` between the model output and the target.
         terminal_fraction: the fraction of each batch trained at the noisiest time (pure noise in, x0 from the
             LR latent alone), where a 1-step trailing sampler evaluates the model; the rest is uniform in time.
+        contrast_copies: remapped copies of every training slice added before the crops are drawn, each through its
+            own random intensity curve (medsr.data.augment): other contrasts than the training subject's.
         prediction_type, beta_schedule: override the preset's scheduler entries (None: keep the preset's);
             the bundle exported from the run must then use the same overrides.
     """
@@ -46,6 +49,7 @@ class DenoiserConfig:
     crop: int = 64
     loss: str = "l1"
     terminal_fraction: float = 0.0
+    contrast_copies: int = 0
     prediction_type: str | None = None
     beta_schedule: str | None = None
 
@@ -54,6 +58,8 @@ class DenoiserConfig:
             raise InputError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if not 0.0 <= self.terminal_fraction <= 1.0:
             raise InputError(f"terminal_fraction must be in [0, 1], got {self.terminal_fraction}")
+        if self.contrast_copies < 0:
+            raise InputError(f"contrast_copies must be >= 0, got {self.contrast_copies}")
 
     def scheduler(self, preset: Preset) -> SchedulerConfig:
         """The preset's SchedulerConfig with this objective's overrides."""
@@ -92,6 +98,7 @@ def build_latent_cache(run_dir: Path, vae, preset: Preset, slices: list[Slice], 
     if objective.crop % multiple:
         raise ShapeError(f"denoiser crop {objective.crop} must be a multiple of lr_multiple * scale = {multiple}")
     rng = np.random.default_rng([seed, 2**32 - 1])  # not a step's stream
+    slices = with_contrast_copies(slices, objective.contrast_copies, np.random.default_rng([seed, 2**32 - 2]))
     conditioning = preset.conditioning
     pairs = random_crop_pairs(
         slices, objective.pairs, objective.crop, preset.scale, rng, upsampler=conditioning.upsampler
@@ -180,6 +187,7 @@ def train_denoiser(
             "crop": objective.crop,
             "loss": objective.loss,
             "terminal_fraction": objective.terminal_fraction,
+            "contrast_copies": objective.contrast_copies,
             "scheduler": scheduler.to_dict(),
         },
         "vae": str(vae_weights),
