@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
+from medsr.engine.conditioning import PAPER, UPSAMPLED, Conditioning
 from medsr.errors import InputError
 
 
@@ -30,6 +31,7 @@ class Preset:
         intensity: normalization of input intensities to [-1, 1] (robust percentiles of the volume).
         degradation: the operator that made LR from HR in training (medsr.degrade), or None when unknown.
         consistency: the engine's default data-consistency mode ("none", "kspace", "backproject").
+        conditioning: how the denoiser sees the LR slice (medsr.engine.conditioning; default the paper's).
         vae_checkpoint: which published VAE ``--vae-weights`` holds: a medsr.export.checkpoints.MEDVAE_MODELS name,
             "sd-vae", or None (medsr's own safetensors via ``--weights``).
     """
@@ -47,6 +49,7 @@ class Preset:
     intensity: dict = field(default_factory=lambda: {"method": "percentile", "low": 0.5, "high": 99.5})
     degradation: dict | None = None
     consistency: str = "none"
+    conditioning: Conditioning = PAPER
     vae_checkpoint: str | None = None
 
     @property
@@ -82,7 +85,9 @@ def _grayscale_vae(block_out_channels: tuple[int, ...], latent_channels: int, no
     }
 
 
-def _attention_free_unet(block_out_channels: tuple[int, ...], latent_channels: int, norm_num_groups: int, **extra) -> dict:
+def _attention_free_unet(
+    block_out_channels: tuple[int, ...], latent_channels: int, norm_num_groups: int, **extra
+) -> dict:
     """UNet2DModel kwargs without self-attention (linear cost in H*W) on [noisy latent, LR latent]."""
     levels = len(block_out_channels)
     return {
@@ -142,15 +147,17 @@ def _default() -> Preset:
     """The bundled default model (docs/default_model.md): x4 grayscale MRI, k-space LR, trained on CPU.
 
     f=1: the "latent" is 4 learned channels per pixel, so the autoencoder is not the limit (REFERENCE.md section 7
-    measured a 1M-parameter f=4 VAE at only 24.1 dB) and the LR latent, upsampled bilinearly inside the denoiser
-    graph, stays image-like (at f=2 and f=4 the same recipe's denoiser fell 10 and 7 dB below its autoencoder,
-    docs/default_model.md). No self-attention anywhere (quadratic in H*W). An x0 model sampled by DDIM in 1
-    trailing step is in effect a regressor on the LR latent; k-space data consistency is applied after decoding.
+    measured a 1M-parameter f=4 VAE at only 24.1 dB; at f=2 and f=4 the same recipe's denoiser fell 10 and 7 dB
+    below its autoencoder, docs/default_model.md). The denoiser is conditioned on the latent of the zero-filled LR
+    (the k-space pseudo-inverse, computed by the engine at the HR size) and predicts x0 as that latent plus a
+    correction, so it only learns what zero-filling lacks. No self-attention anywhere (quadratic in H*W). An x0
+    model sampled by DDIM in 1 trailing step is in effect a regressor; k-space data consistency is applied after
+    decoding.
     """
     latent = 4
     return Preset(
         name="default",
-        description="Default model: x4 MRI (k-space LR), f=1 VAE (16), 4 latents, 3-level UNet (32,64,128), x0.",
+        description="Default model: x4 MRI (k-space LR), f=1 VAE (16), 4 latents, UNet (32,64,128), x0 over zero-fill.",
         scale=4,
         image_channels=1,
         vae=_grayscale_vae((16,), latent, norm_num_groups=8),
@@ -158,6 +165,7 @@ def _default() -> Preset:
         scheduler=_x0_ddim(default_steps=1),
         degradation={"name": "kspace", "scale": 4},
         consistency="kspace",
+        conditioning=Conditioning(UPSAMPLED, "zerofill", residual=True),
     )
 
 

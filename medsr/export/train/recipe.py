@@ -41,7 +41,7 @@ class Recipe:
         )
     )
     denoiser: DenoiserConfig = field(
-        default_factory=lambda: DenoiserConfig(pairs=4096, crop=48, loss="l2", terminal_fraction=0.5)
+        default_factory=lambda: DenoiserConfig(pairs=4096, crop=48, loss="l2", terminal_fraction=0.5, contrast_copies=1)
     )
 
 
