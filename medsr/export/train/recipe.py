@@ -2,8 +2,9 @@
 
 VAE on HR crops of every training source (Colin27 outside the held-out slab, the two radiographs: an autoencoder
 does not care how LR was made), then the denoiser on k-space pairs of the MRI training sources only (the model's
-task, and the degradation its manifest declares), export to a validated bundle, and the held-out table
-(medsr.export.train.evaluate). Budget: about 45 minutes on 2 CPU cores (docs/default_model.md has the timings).
+task, and the degradation its manifest declares) plus one contrast-remapped copy of each slice (medsr.data.augment),
+export to a validated bundle, and the held-out table (medsr.export.train.evaluate). Budget: 45 minutes on 2 CPU
+cores; measured about 23 minutes (docs/default_model.md has the timings).
 """
 
 from __future__ import annotations
