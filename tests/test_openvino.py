@@ -56,6 +56,20 @@ def test_fp32_matches_onnxruntime_on_every_graph(bundle, tmp_path, monkeypatch):
     assert any((tmp_path / bundle.name / "openvino").rglob("*.blob")), "compiled models were not cached"
 
 
+def test_an_unwritable_cache_runs_uncached_and_says_so(bundle, tmp_path, monkeypatch):
+    """A bundle installed read-only (or a cache path that cannot be a folder, which fails even for root) must not stop
+    inference: the sessions run without a model cache, with a warning naming the folder and the way out."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("MEDSR_ENGINE_CACHE", str(blocker))
+    with pytest.warns(UserWarning, match=r"model cache disabled, .*a-file.* is not writable .*MEDSR_ENGINE_CACHE"):
+        sessions = open_openvino_sessions(bundle, "fp32", threads=1)
+    feeds = _feeds(bundle, batch=1)["vae_decoder"]
+    expected = open_ort_sessions(bundle)["vae_decoder"].run(feeds)["image"]
+    assert compare_arrays(sessions["vae_decoder"].run(feeds)["image"], expected)["psnr_db"] > 80
+    assert blocker.read_text() == "not a folder"
+
+
 def _has_bf16():
     return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
