@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from medsr.engine.conditioning import PAPER
 from medsr.engine.cuda import GpuInfo
 
 H100 = GpuInfo("NVIDIA H100 80GB HBM3", "9.0")
@@ -181,8 +182,17 @@ def fake_tensorrt(cuda: FakeCuda, version="10.8.0"):
 
 
 def fake_bundle(root, sha="ab" * 32):
-    """What TrtSession and the shape profiles read from a bundle: f=4, x4, 3 latents, LR multiple 8."""
+    """What TrtSession and the shape profiles read from a bundle: f=4, x4, 3 latents, LR multiple 8, the paper's
+    conditioning."""
     graphs = {name: SimpleNamespace(path=root / f"{name}.onnx", sha256=sha) for name in GRAPH_IO}
     return SimpleNamespace(
-        name="fake", root=root, graphs=graphs, scale=4, vae_factor=4, image_channels=3, latent_channels=3, lr_multiple=8
+        name="fake",
+        root=root,
+        graphs=graphs,
+        scale=4,
+        vae_factor=4,
+        image_channels=3,
+        latent_channels=3,
+        lr_multiple=8,
+        conditioning=PAPER,
     )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from medsr.engine.conditioning import PAPER
 from medsr.engine.graphs import GRAPHS
 from medsr.errors import ShapeError
 
@@ -27,13 +26,13 @@ def graph_input_shapes(bundle, batch: int, lr_height: int, lr_width: int) -> dic
 
     Args:
         bundle: a medsr.engine.bundle.Bundle (or anything with scale, vae_factor, image_channels,
-            latent_channels and lr_multiple; without ``conditioning``, the paper's is assumed).
+            latent_channels, lr_multiple and conditioning).
     """
     if batch < 1 or lr_height < 1 or lr_width < 1:
         raise ShapeError(f"batch and LR size must be positive, got batch {batch}, {lr_height}x{lr_width}")
     height, width = padded_size(lr_height, bundle.lr_multiple), padded_size(lr_width, bundle.lr_multiple)
     f, s, c_lat = bundle.vae_factor, bundle.scale, bundle.latent_channels
-    zoom = getattr(bundle, "conditioning", PAPER).zoom(s)  # the encoder sees the LR or its upsampling
+    zoom = bundle.conditioning.zoom(s)  # the encoder sees the LR or its upsampling
     lr_latent = (batch, c_lat, zoom * height // f, zoom * width // f)
     hr_latent = (batch, c_lat, s * height // f, s * width // f)
     shapes = {
