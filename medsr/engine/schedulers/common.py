@@ -174,6 +174,27 @@ def check_steps(num_inference_steps: int, config: SchedulerConfig) -> None:
         raise InputError(f"num_inference_steps must be in [1, {T}] (num_train_timesteps), got {num_inference_steps}")
 
 
+class TableScheduler:
+    """The state every sampler on a discrete training table starts from: its config, the table alpha_bar
+    ((T,) float64), the initial noise scale and no timesteps until ``set_timesteps``."""
+
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        self.alphas_cumprod = alphas_cumprod(config)
+        self.init_noise_sigma = config.init_noise_sigma
+        self.timesteps = np.empty(0, np.int64)
+
+
+def check_step_order(name: str, step_index: int, timesteps: np.ndarray, t: float, tolerance: float = 0.0) -> None:
+    """Refuse a multistep solver's call out of order: its i-th ``step`` must receive ``timesteps[i]`` (to within
+    ``tolerance``, relative and absolute). ``name`` opens the error message."""
+    if step_index >= len(timesteps) or not np.isclose(t, timesteps[step_index], rtol=tolerance, atol=tolerance):
+        expected = timesteps[step_index] if step_index < len(timesteps) else "none (all steps done)"
+        raise InputError(
+            f"{name}: step {step_index} expects timestep {expected}, got {t}; call set_timesteps again to restart"
+        )
+
+
 def not_ready(name: str) -> RuntimeError:
     """The error of a step before set_timesteps (a caller bug, so not a MedsrError)."""
     return RuntimeError(f"{name}.step() called before set_timesteps(); call set_timesteps(num_inference_steps) first")

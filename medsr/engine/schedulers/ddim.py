@@ -6,11 +6,11 @@ import numpy as np
 
 from medsr.errors import InputError
 
-from .common import alphas_cumprod, check_noise, check_steps, not_ready, predict_x0_eps, spaced_timesteps, table_index
+from .common import TableScheduler, check_noise, check_steps, not_ready, predict_x0_eps, spaced_timesteps, table_index
 from .config import SchedulerConfig, StepOutput
 
 
-class DDIMScheduler:
+class DDIMScheduler(TableScheduler):
     """DDIM with eta >= 0 over a subsequence of the training timesteps.
 
     One step from table index k to k_prev = k - T // n (diffusers' rule, whatever the spacing; below 0 it uses
@@ -30,13 +30,10 @@ class DDIMScheduler:
     """
 
     def __init__(self, config: SchedulerConfig) -> None:
-        self.config = config
-        self.alphas_cumprod = alphas_cumprod(config)
+        super().__init__(config)
         self.final_alpha_cumprod = 1.0 if config.set_alpha_to_one else float(self.alphas_cumprod[0])
-        self.init_noise_sigma = config.init_noise_sigma
         self.stochastic = config.eta > 0
         self.num_inference_steps: int | None = None
-        self.timesteps = np.empty(0, np.int64)
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         """Choose the n timesteps (``config.timestep_spacing``); resets the scheduler."""

@@ -7,7 +7,7 @@ import numpy as np
 from medsr.errors import InputError
 
 from .common import (
-    alphas_cumprod,
+    TableScheduler,
     check_noise,
     check_steps,
     not_ready,
@@ -18,7 +18,7 @@ from .common import (
 from .config import SchedulerConfig, StepOutput
 
 
-class DDPMScheduler:
+class DDPMScheduler(TableScheduler):
     """Ancestral sampling from the posterior q(x_prev | x_t, x0) over a subsequence of the training timesteps.
 
     From table index k to the next entry k_prev of the subsequence (alpha_bar_prev = 1 after the last), with
@@ -40,10 +40,7 @@ class DDPMScheduler:
     stochastic = True
 
     def __init__(self, config: SchedulerConfig) -> None:
-        self.config = config
-        self.alphas_cumprod = alphas_cumprod(config)
-        self.init_noise_sigma = config.init_noise_sigma
-        self.timesteps = np.empty(0, np.int64)
+        super().__init__(config)
         self._k: np.ndarray | None = None
 
     def set_timesteps(self, num_inference_steps: int) -> None:

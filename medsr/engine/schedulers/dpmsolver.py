@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from medsr.errors import InputError
-
-from .common import alphas_cumprod, check_in_table, check_steps, not_ready, predict_x0_eps, table_index
+from .common import (
+    TableScheduler,
+    check_in_table,
+    check_step_order,
+    check_steps,
+    not_ready,
+    predict_x0_eps,
+    table_index,
+)
 from .config import SchedulerConfig, StepOutput
 
 
-class DPMSolverPlusPlus2MScheduler:
+class DPMSolverPlusPlus2MScheduler(TableScheduler):
     """Multistep second-order solver of the diffusion ODE in the data-prediction (x0) form.
 
     With alpha_s = sqrt(alpha_bar), sigma_s = sqrt(1 - alpha_bar), lambda = log(alpha / sigma) and
@@ -35,10 +41,7 @@ class DPMSolverPlusPlus2MScheduler:
     stochastic = False
 
     def __init__(self, config: SchedulerConfig) -> None:
-        self.config = config
-        self.alphas_cumprod = alphas_cumprod(config)
-        self.init_noise_sigma = config.init_noise_sigma
-        self.timesteps = np.empty(0, np.int64)
+        super().__init__(config)
         self._alpha: np.ndarray | None = None
         self._sigma: np.ndarray | None = None
         self._step_index = 0
@@ -82,12 +85,7 @@ class DPMSolverPlusPlus2MScheduler:
         if self._alpha is None:
             raise not_ready("DPMSolverPlusPlus2MScheduler")
         i = self._step_index
-        if i >= len(self.timesteps) or t != self.timesteps[i]:
-            expected = self.timesteps[i] if i < len(self.timesteps) else "none (all steps done)"
-            raise InputError(
-                f"DPMSolverPlusPlus2MScheduler is multistep: step {i} expects timestep {expected}, got {t}; "
-                "call set_timesteps again to restart"
-            )
+        check_step_order("DPMSolverPlusPlus2MScheduler is multistep", i, self.timesteps, t)
         alpha_s0, sigma_s0, alpha_t, sigma_t = self._alpha[i], self._sigma[i], self._alpha[i + 1], self._sigma[i + 1]
         x = np.asarray(sample, np.float64)
         D0, _ = predict_x0_eps(np.asarray(model_output, np.float64), x, alpha_s0, sigma_s0, self.config.prediction_type)

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from medsr.errors import InputError
-
-from .common import check_steps, not_ready, predict_x0_eps
+from .common import check_step_order, check_steps, not_ready, predict_x0_eps
 from .config import SchedulerConfig, StepOutput
 
 
@@ -76,12 +74,7 @@ class FlowEulerScheduler:
         if self.sigmas is None:
             raise not_ready("FlowEulerScheduler")
         i = self._step_index
-        if i >= len(self.timesteps) or not np.isclose(t, self.timesteps[i], rtol=1e-6, atol=1e-6):
-            expected = self.timesteps[i] if i < len(self.timesteps) else "none (all steps done)"
-            raise InputError(
-                f"FlowEulerScheduler: step {i} expects timestep {expected}, got {t}; "
-                "call set_timesteps again to restart"
-            )
+        check_step_order("FlowEulerScheduler", i, self.timesteps, t, tolerance=1e-6)
         sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
         output = np.asarray(model_output, np.float64)
         if self.config.flow_convention == "latentsr" and self.config.prediction_type == "flow":

@@ -7,14 +7,14 @@ import numpy as np
 
 from medsr.errors import InputError
 
-from .common import alphas_cumprod, check_steps, not_ready, predict_x0_eps, table_index
+from .common import TableScheduler, check_steps, not_ready, predict_x0_eps, table_index
 from .config import SchedulerConfig, StepOutput
 
 #: the paper's code recovers eps as (z - sqrt(a) x0) / (sqrt(1 - a) + 1e-4)
 SIGMA_OFFSET = 1e-4
 
 
-class LatentSRScheduler:
+class LatentSRScheduler(TableScheduler):
     """A deterministic DDIM-like x0 loop over the n noisiest consecutive entries of the table.
 
     The paper stores its cosine table reversed, a_i = alpha_bar[T - 1 - i] (i = 0 noisiest), and runs n model
@@ -39,10 +39,7 @@ class LatentSRScheduler:
     stochastic = False
 
     def __init__(self, config: SchedulerConfig) -> None:
-        self.config = config
-        self.alphas_cumprod = alphas_cumprod(config)
-        self.init_noise_sigma = config.init_noise_sigma
-        self.timesteps = np.empty(0, np.int64)
+        super().__init__(config)
         self.num_inference_steps: int | None = None
 
     def set_timesteps(self, num_inference_steps: int) -> None:
