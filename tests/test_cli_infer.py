@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import nibabel as nib
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from fresh_python import run_python
 
 from medsr.cli.infer import infer
 from medsr.io.affine import grid_corners_world
@@ -67,14 +65,14 @@ def test_torch_engine_gives_the_same_image(ort_output, tiny_bundle, example4d_pa
 def test_infer_runs_as_a_subprocess_without_torch(tiny_bundle, example4d_path, tmp_path):
     out = tmp_path / "sub.nii"
     args = [str(example4d_path), "-o", str(out), "--model", str(tiny_bundle), "--frame", "1", "--steps", "1", "--axis", "2"]
-    run = subprocess.run([sys.executable, "-c", NO_TORCH_MAIN, *args], check=False, capture_output=True, text=True, timeout=300)
+    run = run_python(NO_TORCH_MAIN, *args, timeout=300)
     assert run.returncode == 0, run.stderr
     assert nib.load(out).shape == (512, 384, 24)
 
 
 def test_torch_engine_without_torch_names_the_extra(tiny_bundle, example4d_path, tmp_path):
     args = [str(example4d_path), "-o", str(tmp_path / "x.nii.gz"), "--model", str(tiny_bundle), "--engine", "torch"]
-    run = subprocess.run([sys.executable, "-c", NO_TORCH_MAIN, *args], check=False, capture_output=True, text=True, timeout=300)
+    run = run_python(NO_TORCH_MAIN, *args, timeout=300)
     assert run.returncode == 1
     assert "torch extra" in run.stderr and "Traceback" not in run.stderr
     assert not (tmp_path / "x.nii.gz").exists()

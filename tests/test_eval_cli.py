@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from fresh_python import run_python
 
 pytest.importorskip("torch")
 pytest.importorskip("skimage")
@@ -51,7 +50,7 @@ def test_help_of_every_subcommand_loads_no_heavy_module():
         "heavy = sorted(m for m in ('torch', 'onnxruntime', 'nibabel', 'scipy', 'matplotlib') if m in sys.modules)\n"
         "print(','.join(heavy))\n"
     )
-    run = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60)
+    run = run_python(code)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == ""
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
+from fresh_python import run_python
 
 ENGINE_MODULES = [
     "medsr.engine.bundle",
@@ -27,7 +25,7 @@ def test_engine_module_imports_with_torch_blocked(module):
         f"import sys; sys.modules['torch'] = None; sys.modules['diffusers'] = None; import {module}; "
         "leaked = [m for m in sys.modules if m.startswith('medsr.export')]; assert not leaked, leaked"
     )
-    run = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60)
+    run = run_python(code)
     assert run.returncode == 0, run.stderr
 
 
@@ -41,6 +39,6 @@ def test_infer_help_loads_no_heavy_module():
         "heavy = sorted(m for m in ('torch', 'diffusers', 'onnxruntime', 'nibabel', 'onnx') if m in sys.modules)\n"
         "print(','.join(heavy))\n"
     )
-    run = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60)
+    run = run_python(code)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == ""

@@ -4,14 +4,13 @@ back by independent readers (nibabel, SimpleITK, pydicom) and intensities checke
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
 from click.testing import CliRunner
+from fresh_python import run_python
 from io_fixtures import ct5n_dir, hash_tree, oblique_affine, radiograph_crop, smooth_image, write_nifti
 from PIL import Image
 
@@ -145,7 +144,7 @@ def test_io_modules_import_no_torch_and_no_reader_until_needed():
         f"import sys; sys.modules['torch'] = None; sys.modules['diffusers'] = None; import {modules}; "
         "print(','.join(m for m in ('pydicom', 'PIL', 'nibabel', 'SimpleITK') if m in sys.modules))"
     )
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    run = run_python(code, timeout=120)
     assert run.returncode == 0 and run.stdout.strip() == "", run.stderr
 
 
@@ -167,7 +166,7 @@ def test_tiled_radiograph_runs_without_torch(tiny_bundle, tmp_path):
         "--steps",
         "1",
     ]
-    run = subprocess.run([sys.executable, "-c", main, *args], capture_output=True, text=True, timeout=300, check=False)
+    run = run_python(main, *args, timeout=300)
     assert run.returncode == 0, run.stderr
     out = np.asarray(Image.open(tmp_path / "sr.tif"))
     assert out.shape == (160, 192) and np.isfinite(out).all() and out.std() > 0

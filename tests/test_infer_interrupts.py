@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from fresh_python import run_python
 from io_fixtures import ct5n_dir, hash_tree, listing, smooth_image, write_nifti
 from PIL import Image
 
@@ -133,8 +134,7 @@ def test_a_real_partial_write_is_removed(tiny_bundle, tmp_path):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     args = [str(ct5n_dir()), "-o", str(out_dir / "sr.nii"), "--model", str(tiny_bundle), "--steps", "1"]
-    command = [sys.executable, "-c", MAIN, *args]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False, preexec_fn=_limit_file_size)
+    run = run_python(MAIN, *args, timeout=300, preexec_fn=_limit_file_size)
     assert run.returncode == 1, run.stderr
     assert run.stderr.strip().splitlines() == [f"Error: {out_dir / 'sr.nii'}: could not write output: File too large"]
     assert listing(out_dir) == []
@@ -154,8 +154,7 @@ def _without_permission_override():
 def _run_unprivileged(args: list[str]) -> subprocess.CompletedProcess:
     """medsr-infer bound by permission bits (root normally bypasses them)."""
     extra = {"preexec_fn": _without_permission_override} if os.geteuid() == 0 else {}
-    command = [sys.executable, "-c", MAIN, *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300, check=False, **extra)
+    return run_python(MAIN, *args, timeout=300, **extra)
 
 
 def test_read_only_output_directory_and_unreadable_input(tiny_bundle, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from fresh_python import run_python
 
 ov = pytest.importorskip("openvino")
 
@@ -114,8 +115,6 @@ def test_auto_on_a_cpu_without_bf16_is_fp32(bundle, monkeypatch):
 
 
 def test_missing_openvino_names_the_extra():
-    import subprocess
-    import sys
 
     code = (
         "import sys; sys.modules['openvino'] = None\n"
@@ -123,5 +122,5 @@ def test_missing_openvino_names_the_extra():
         "from medsr.errors import BackendError\n"
         "try:\n    import_openvino()\nexcept BackendError as exc:\n    print(exc)\n"
     )
-    run = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60)
+    run = run_python(code)
     assert "pip install 'medsr[openvino]'" in run.stdout, run.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 import pytest
+from fresh_python import run_python
 
 from medsr.engine.bundle import load_bundle
 from medsr.engine.sessions import OrtSession, OrtTuning, available_cores, open_sessions
@@ -80,9 +81,7 @@ def test_exported_graphs_are_slimmed_and_keep_dynamic_axes(tiny_bundle):
 )
 def test_backend_modules_import_without_torch(module):
     """The engine's backends (and the torch-free TensorRT builder they call) never need torch."""
-    import subprocess
-    import sys
 
     code = f"import sys; sys.modules['torch'] = None; sys.modules['diffusers'] = None; import {module}"
-    run = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60)
+    run = run_python(code)
     assert run.returncode == 0, run.stderr

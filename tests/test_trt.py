@@ -3,13 +3,12 @@ the errors when TensorRT or a GPU is missing (fakes of tests/trt_fakes.py stand 
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from fresh_python import run_python
 from trt_fakes import FakeCuda, fake_bundle, fake_tensorrt
 
 from medsr.engine.cuda import CudaRuntime, GpuInfo
@@ -323,7 +322,7 @@ def test_missing_tensorrt_names_the_extra():
         "from medsr.errors import BackendError\n"
         "try:\n    import_tensorrt()\nexcept BackendError as exc:\n    print(exc)\n"
     )
-    run = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60)
+    run = run_python(code)
     assert "needs TensorRT >= 10" in run.stdout and "pip install 'medsr[gpu]'" in run.stdout, run.stderr
 
 
