@@ -13,8 +13,8 @@ pytest.importorskip("torch")
 
 from medsr.bench.engines import EngineSpec
 from medsr.bench.stages import Timeline
+from medsr.bundle.conditioning import UPSAMPLED, Conditioning
 from medsr.cli.bench import bench
-from medsr.engine.conditioning import UPSAMPLED, Conditioning
 from medsr.errors import BackendError
 from medsr.export.presets import get_preset
 

@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
-from medsr.engine.bundle import FORMAT_VERSION, MANIFEST_NAME, load_bundle, sha256_file
-from medsr.engine.graphs import GRAPHS
+from medsr.bundle import FORMAT_VERSION, MANIFEST_NAME, load_bundle, sha256_file
+from medsr.bundle.graphs import GRAPHS
 from medsr.errors import BundleError
 
 

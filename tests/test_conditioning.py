@@ -1,4 +1,4 @@
-"""The denoiser's conditioning conventions (medsr.engine.conditioning): the manifest fields, the engine feeding the
+"""The denoiser's conditioning conventions (medsr.bundle.conditioning): the manifest fields, the engine feeding the
 encoder the upsampled LR, the residual graph, tiles, TensorRT shapes, and training crops cut from whole-slice
 upsamplings."""
 
@@ -11,11 +11,11 @@ import shutil
 import numpy as np
 import pytest
 
+from medsr.bundle import Bundle, load_bundle
+from medsr.bundle.conditioning import BILINEAR, UPSAMPLED, Conditioning
 from medsr.data.pairs import Slice, make_pair, random_crop_pairs
 from medsr.degrade import make_degradation, upsample_baseline
 from medsr.engine import tiling
-from medsr.engine.bundle import Bundle, load_bundle
-from medsr.engine.conditioning import BILINEAR, UPSAMPLED, Conditioning
 from medsr.engine.pipeline import LatentSRPipeline, SamplingOptions
 from medsr.engine.profiles import graph_input_shapes
 from medsr.engine.sessions import open_ort_sessions

@@ -12,8 +12,8 @@ import pytest
 pytest.importorskip("skimage")
 pytest.importorskip("pywt")
 
+from medsr.bundle import MANIFEST_NAME, load_bundle
 from medsr.degrade import make_degradation
-from medsr.engine.bundle import MANIFEST_NAME, load_bundle
 from medsr.engine.pipeline import LatentSRPipeline, SamplingOptions
 from medsr.engine.sessions import open_ort_sessions
 from medsr.errors import InputError, OutputError

@@ -11,8 +11,8 @@ torch = pytest.importorskip("torch")
 
 from click.testing import CliRunner
 
+from medsr.bundle import load_bundle
 from medsr.cli.export import export
-from medsr.engine.bundle import load_bundle
 from medsr.engine.sessions import OrtSession
 from medsr.eval.parity import compare_arrays
 from medsr.export.builder import build_models

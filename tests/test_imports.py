@@ -6,7 +6,7 @@ import pytest
 from fresh_python import run_python
 
 ENGINE_MODULES = [
-    "medsr.engine.bundle",
+    "medsr.bundle",
     "medsr.engine.pipeline",
     "medsr.engine.sessions",
     "medsr.engine.schedulers",

@@ -14,8 +14,8 @@ from fresh_python import run_python
 from io_fixtures import ct5n_dir, hash_tree, oblique_affine, radiograph_crop, smooth_image, write_nifti
 from PIL import Image
 
+from medsr.bundle import load_bundle
 from medsr.cli.infer import infer
-from medsr.engine.bundle import load_bundle
 from medsr.engine.pipeline import SamplingOptions, SRResult
 from medsr.infer import super_resolve_volume
 from medsr.io.affine import grid_corners_world

@@ -8,7 +8,7 @@ from fresh_python import run_python
 
 ov = pytest.importorskip("openvino")
 
-from medsr.engine.bundle import load_bundle
+from medsr.bundle import load_bundle
 from medsr.engine.openvino import OpenVinoSession, open_openvino_sessions
 from medsr.engine.pipeline import LatentSRPipeline, SamplingOptions
 from medsr.engine.profiles import graph_input_shapes

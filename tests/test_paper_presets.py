@@ -13,8 +13,8 @@ torch = pytest.importorskip("torch")
 from click.testing import CliRunner
 from compvis_reference import CompVisVAE, randomize_
 
+from medsr.bundle import load_bundle
 from medsr.cli.export import export
-from medsr.engine.bundle import load_bundle
 from medsr.engine.pipeline import LatentSRPipeline, SamplingOptions
 from medsr.engine.sessions import open_ort_sessions
 from medsr.export import presets as presets_module

@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from medsr.engine.bundle import load_bundle
+from medsr.bundle import load_bundle
 from medsr.engine.pipeline import LatentSRPipeline, SamplingOptions
 from medsr.engine.sessions import open_ort_sessions
 from medsr.eval.parity import compare_arrays, compare_pipelines

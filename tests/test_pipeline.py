@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medsr.engine.bundle import Bundle, load_bundle
+from medsr.bundle import Bundle, load_bundle
 from medsr.engine.pipeline import LatentSRPipeline, SamplingOptions, pad_to_multiple
 from medsr.engine.schedulers import SchedulerConfig
 from medsr.engine.sessions import open_ort_sessions

@@ -7,7 +7,7 @@ import onnxruntime as ort
 import pytest
 from fresh_python import run_python
 
-from medsr.engine.bundle import load_bundle
+from medsr.bundle import load_bundle
 from medsr.engine.sessions import OrtSession, OrtTuning, available_cores, open_sessions
 from medsr.errors import BackendError
 

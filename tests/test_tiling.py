@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from io_fixtures import pydicom_file
 
+from medsr.bundle import load_bundle
 from medsr.engine import tiling
-from medsr.engine.bundle import load_bundle
 from medsr.engine.pipeline import LatentSRPipeline, SamplingOptions
 from medsr.engine.schedulers import SchedulerConfig
 from medsr.engine.sessions import open_sessions

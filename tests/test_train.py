@@ -17,9 +17,9 @@ torch = pytest.importorskip("torch")
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
+from medsr.bundle.conditioning import UPSAMPLED, Conditioning
 from medsr.cli.train import cli
 from medsr.data.pairs import Slice
-from medsr.engine.conditioning import UPSAMPLED, Conditioning
 from medsr.engine.schedulers import SchedulerConfig
 from medsr.errors import CheckpointError, InputError
 from medsr.export.builder import build_models

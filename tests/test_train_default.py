@@ -9,9 +9,9 @@ import nibabel as nib
 import numpy as np
 from click.testing import CliRunner
 
+from medsr.bundle import load_bundle
+from medsr.bundle.conditioning import UPSAMPLED, Conditioning
 from medsr.data.sources import COLIN27_HELDOUT, Source, default_split
-from medsr.engine.bundle import load_bundle
-from medsr.engine.conditioning import UPSAMPLED, Conditioning
 from medsr.export.train.evaluate import evaluate_bundle
 from medsr.models import DEFAULT_BUNDLE
 

@@ -58,7 +58,7 @@ def test_round_trip_through_device_and_cuda_graph_replay(cuda):
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None, reason="TensorRT is not installed")
 def test_tensorrt_matches_onnxruntime_on_the_tiny_bundle(tiny_bundle, tmp_path, monkeypatch):
     """Real TensorRT (fp32 and fp16 with pinned norms) against ONNX Runtime CPU on every graph."""
-    from medsr.engine.bundle import load_bundle
+    from medsr.bundle import load_bundle
     from medsr.engine.profiles import graph_input_shapes
     from medsr.engine.sessions import open_ort_sessions
     from medsr.engine.trt import open_trt_sessions

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from medsr.engine.conditioning import PAPER
+from medsr.bundle.conditioning import PAPER
 from medsr.engine.cuda import GpuInfo
 
 H100 = GpuInfo("NVIDIA H100 80GB HBM3", "9.0")

@@ -57,7 +57,7 @@ def bundle_dir(preset, work_dir: Path) -> Path:
 def ensure_bundle(preset_name: str, work_dir: Path):
     """A random-weight bundle of ``preset_name`` under ``work_dir`` (:func:`bundle_dir`), exported once and reused
     while it validates."""
-    from medsr.engine.bundle import load_bundle
+    from medsr.bundle import load_bundle
     from medsr.errors import BundleError
     from medsr.export.presets import get_preset
 

@@ -78,7 +78,7 @@ def parity(
     """
     import json
 
-    from medsr.engine.bundle import load_bundle
+    from medsr.bundle import load_bundle
     from medsr.engine.pipeline import SamplingOptions
     from medsr.eval.harness import parity_inputs, run_parity
     from medsr.io.atomic import check_output_path, write_text_atomic
@@ -160,7 +160,7 @@ def fidelity(
     """Super-resolve LR made from true HR slices; measure the model, the baselines and the autoencoder ceiling."""
     from tqdm import tqdm
 
-    from medsr.engine.bundle import load_bundle
+    from medsr.bundle import load_bundle
     from medsr.engine.pipeline import LatentSRPipeline, SamplingOptions
     from medsr.engine.sessions import open_sessions
     from medsr.errors import InputError

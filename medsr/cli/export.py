@@ -81,7 +81,7 @@ def _require_tensorrt() -> None:
 
 def _build_trt_plans(path, precision: str, batch: int, lr_height: int, lr_width: int) -> None:
     """Build (or find up to date) one static plan per graph for this slice size, in the bundle's plan cache."""
-    from medsr.engine.bundle import load_bundle
+    from medsr.bundle import load_bundle
     from medsr.engine.profiles import static_profiles
     from medsr.engine.trt import open_trt_sessions
 
@@ -96,7 +96,7 @@ def _build_trt_plans(path, precision: str, batch: int, lr_height: int, lr_width:
 def _export_validated(vae, unet, preset, output, provenance, overwrite):
     """Export into a staging directory, run the parity gate on it, record the figures in its manifest and only
     then move it to ``output``; a failing bundle is deleted with the staging directory."""
-    from medsr.engine.bundle import load_bundle, write_manifest
+    from medsr.bundle import load_bundle, write_manifest
     from medsr.errors import BundleError
     from medsr.eval.harness import validate_bundle
     from medsr.export.onnx import write_bundle

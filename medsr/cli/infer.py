@@ -8,9 +8,9 @@ from pathlib import Path
 
 import click
 
+from medsr.bundle.scheduler import ALGORITHMS
 from medsr.cli.common import medsr_errors, run_command
 from medsr.engine.pipeline import CONSISTENCY_MODES
-from medsr.engine.schedulers.config import ALGORITHMS
 from medsr.engine.sessions import ENGINES
 
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16", "auto")
@@ -168,7 +168,7 @@ def infer(
 
 def _load_bundle(model):
     """The validated bundle at ``model``, or the bundled default."""
-    from medsr.engine.bundle import load_bundle
+    from medsr.bundle import load_bundle
     from medsr.errors import BundleError
     from medsr.models import DEFAULT_BUNDLE
 

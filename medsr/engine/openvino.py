@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medsr.engine.graphs import GRAPHS
+from medsr.bundle.graphs import GRAPHS
 from medsr.engine.sessions import available_cores
 from medsr.errors import BackendError, ShapeError
 
@@ -73,7 +73,7 @@ class OpenVinoSession:
     """One bundle graph compiled by OpenVINO for the CPU: compile per input shape, infer, close.
 
     Args:
-        graph: graph name (medsr.engine.graphs); path: its .onnx file.
+        graph: graph name (medsr.bundle.graphs); path: its .onnx file.
         precision: "fp32" or "bf16" ("auto" is resolved per graph by ``choose_precisions``).
         threads: inference threads; default: the cores available to this process.
         cache_dir: OpenVINO model cache folder (None: no cache).

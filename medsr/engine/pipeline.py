@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from medsr.bundle import Bundle
 from medsr.degrade import backproject, consistency_residual, degradation_from_dict, kspace_consistency
-from medsr.engine.bundle import Bundle
 from medsr.engine.schedulers import SchedulerConfig, make_scheduler
 from medsr.engine.sessions import Session
 from medsr.engine.tiling import check_tile_options, super_resolve_tiled

@@ -1,7 +1,7 @@
 """Input shapes of the three graphs for a slice size, and shape profiles for engines that compile per shape.
 
 The shapes follow from the bundle (scale s, VAE factor f, channels, LR padding multiple) and the graph names of
-medsr.engine.graphs, so TensorRT profiles, OpenVINO static shapes, the benchmark's FLOP counts and the tests all
+medsr.bundle.graphs, so TensorRT profiles, OpenVINO static shapes, the benchmark's FLOP counts and the tests all
 derive them in one place. A profile is static (min = opt = max, the fast path: one slice size, CUDA graphs) or a
 range for volumes of mixed sizes.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from medsr.engine.graphs import GRAPHS
+from medsr.bundle.graphs import GRAPHS
 from medsr.errors import ShapeError
 
 Shape = tuple[int, ...]
@@ -25,7 +25,7 @@ def graph_input_shapes(bundle, batch: int, lr_height: int, lr_width: int) -> dic
     """{graph: {input name: shape}} for ``batch`` LR slices of lr_height x lr_width pixels (before padding).
 
     Args:
-        bundle: a medsr.engine.bundle.Bundle (or anything with scale, vae_factor, image_channels,
+        bundle: a medsr.bundle.Bundle (or anything with scale, vae_factor, image_channels,
             latent_channels, lr_multiple and conditioning).
     """
     if batch < 1 or lr_height < 1 or lr_width < 1:

@@ -1,7 +1,7 @@
 """One Session interface over the runtimes that execute a bundle graph.
 
 ``run(feeds) -> outputs`` takes and returns dicts keyed by the graph's input and output names
-(medsr.engine.graphs), never positional lists. A requested runtime or provider that is missing, or that did not
+(medsr.bundle.graphs), never positional lists. A requested runtime or provider that is missing, or that did not
 become active (onnxruntime silently falls back to CPU), raises BackendError instead of running somewhere else.
 
 Engines: ``ort`` (ONNX Runtime, CPU or CUDA), ``trt`` (native TensorRT, medsr.engine.trt), ``openvino``
@@ -163,7 +163,7 @@ class OrtSession:
 def open_ort_sessions(
     bundle, device: str = "cpu", threads: int | None = None, tuning: OrtTuning | None = None
 ) -> dict[str, OrtSession]:
-    """An OrtSession for each graph of ``bundle`` (a medsr.engine.bundle.Bundle), keyed by graph name."""
+    """An OrtSession for each graph of ``bundle`` (a medsr.bundle.Bundle), keyed by graph name."""
     return {
         name: OrtSession(entry.path, device=device, threads=threads, tuning=tuning)
         for name, entry in bundle.graphs.items()

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from medsr.bundle.graphs import GRAPHS
 from medsr.engine.cuda import GPU_EXTRA_HINT, CudaRuntime, GpuInfo
-from medsr.engine.graphs import GRAPHS
 from medsr.engine.profiles import Shape, ShapeProfile, choose_profile
 from medsr.errors import BackendError, ShapeError
 
@@ -217,7 +217,7 @@ class TrtSession:
     with them, a shape runs on the narrowest profile that admits it (medsr.engine.profiles.choose_profile).
 
     Args:
-        graph: graph name (medsr.engine.graphs); entry: its bundle GraphEntry (path, sha256).
+        graph: graph name (medsr.bundle.graphs); entry: its bundle GraphEntry (path, sha256).
         precision: one of medsr.engine.trt_build.TRT_PRECISIONS.
         cache: the PlanCache; gpu: this machine's GpuInfo.
         build: build missing or stale plans (False: refuse them with a BackendError).

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medsr.engine.bundle import Bundle
+from medsr.bundle import Bundle
 from medsr.engine.pipeline import LatentSRPipeline, SamplingOptions
 from medsr.engine.sessions import open_sessions
 from medsr.errors import InputError, NonFiniteError
@@ -141,7 +141,7 @@ def run_parity(
 def validate_bundle(root: Path, threshold_db: float | None = None) -> ParityRun:
     """The export gate (``medsr-export --validate``): ORT fp32 on the CPU against the torch reference, on 2 slices
     of :func:`builtin_volume` cropped to 32 x 32 LR pixels, seed 0, the bundle's default steps."""
-    from medsr.engine.bundle import load_bundle
+    from medsr.bundle import load_bundle
 
     bundle = load_bundle(root)
     lr, ids = parity_inputs(None, per_file=2, size=32)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from medsr.engine.bundle import sha256_file
+from medsr.bundle import sha256_file
 from medsr.errors import CheckpointError, InputError
 from medsr.export.models import build_unet, build_vae
 from medsr.export.presets import Preset

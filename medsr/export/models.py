@@ -1,7 +1,7 @@
 """The PyTorch networks medsr exports: a diffusers AutoencoderKL split into encoder and decoder graphs, and a
 diffusers UNet2DModel conditioned on the low-resolution latent.
 
-Each wrapper is exactly the computation of one bundle graph (medsr.engine.graphs), so the ONNX export, the
+Each wrapper is exactly the computation of one bundle graph (medsr.bundle.graphs), so the ONNX export, the
 ``--engine torch`` path and the parity harness all run the same modules.
 """
 
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DModel
 from torch import nn
 
-from medsr.engine.conditioning import PAPER, Conditioning
+from medsr.bundle.conditioning import PAPER, Conditioning
 
 # Posterior log-variance clamp of the CompVis/diffusers DiagonalGaussianDistribution (REFERENCE.md section 2).
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
@@ -64,7 +64,7 @@ class ConditionedDenoiser(nn.Module):
     Under the paper's conditioning the LR latent, encoded at the LR image's own size, is upsampled bilinearly
     (align_corners=False, the one centre-aligned geometry of medsr) to the sample's size inside the graph, so the
     engine never resizes latents; under ``upsampled_latent_concat`` it already has the sample's size
-    (medsr.engine.conditioning). The output is what the manifest's ``denoiser.prediction_type`` says (x0, epsilon, v
+    (medsr.bundle.conditioning). The output is what the manifest's ``denoiser.prediction_type`` says (x0, epsilon, v
     or flow velocity); a residual denoiser adds the conditioning latent to the network's x0.
     """
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 import medsr
-from medsr.engine.bundle import FORMAT_VERSION, sha256_file, write_manifest
-from medsr.engine.graphs import GRAPHS, GraphSpec
+from medsr.bundle import FORMAT_VERSION, sha256_file, write_manifest
+from medsr.bundle.graphs import GRAPHS, GraphSpec
 from medsr.engine.schedulers import SchedulerConfig
 from medsr.eval.parity import compare_arrays
 from medsr.export.models import graph_modules

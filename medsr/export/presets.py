@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-from medsr.engine.conditioning import PAPER, UPSAMPLED, Conditioning
+from medsr.bundle.conditioning import PAPER, UPSAMPLED, Conditioning
 from medsr.errors import InputError
 
 
@@ -31,7 +31,7 @@ class Preset:
         intensity: normalization of input intensities to [-1, 1] (robust percentiles of the volume).
         degradation: the operator that made LR from HR in training (medsr.degrade), or None when unknown.
         consistency: the engine's default data-consistency mode ("none", "kspace", "backproject").
-        conditioning: how the denoiser sees the LR slice (medsr.engine.conditioning; default the paper's).
+        conditioning: how the denoiser sees the LR slice (medsr.bundle.conditioning; default the paper's).
         vae_checkpoint: which published VAE ``--vae-weights`` holds: a medsr.export.checkpoints.MEDVAE_MODELS name,
             "sd-vae", or None (medsr's own safetensors via ``--weights``).
     """

@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from medsr.engine.bundle import Bundle, sha256_file
-from medsr.engine.graphs import GRAPHS
+from medsr.bundle import Bundle, sha256_file
+from medsr.bundle.graphs import GRAPHS
 from medsr.errors import BundleError
 from medsr.export.models import build_unet, build_vae, graph_modules
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
+from medsr.bundle.conditioning import UPSAMPLED, Conditioning
 from medsr.data.pairs import source_slices
 from medsr.data.sources import default_split
-from medsr.engine.conditioning import UPSAMPLED, Conditioning
 from medsr.export.builder import build_models
 from medsr.export.onnx import export_bundle
 from medsr.export.presets import get_preset

@@ -13,8 +13,9 @@ One small class per algorithm, built from a `SchedulerConfig` (the manifest's ``
 
 from __future__ import annotations
 
-from .common import add_noise, alphas_cumprod, predict_x0_eps, training_target
-from .config import SchedulerConfig, StepOutput
+from medsr.bundle.scheduler import SchedulerConfig
+
+from .common import StepOutput, add_noise, alphas_cumprod, predict_x0_eps, training_target
 from .ddim import DDIMScheduler
 from .ddpm import DDPMScheduler
 from .dpmsolver import DPMSolverPlusPlus2MScheduler

@@ -7,12 +7,12 @@ sigma_t = sqrt(1 - alpha_bar_t). Rectified flow: x_sigma = (1 - sigma) x0 + sigm
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
+from medsr.bundle.scheduler import SchedulerConfig
 from medsr.errors import InputError
-
-from .config import SchedulerConfig
 
 
 def alphas_cumprod(config: SchedulerConfig) -> np.ndarray:
@@ -211,3 +211,16 @@ def check_noise(noise: np.ndarray | None, sample: np.ndarray, name: str) -> np.n
     if noise.shape != np.shape(sample):
         raise InputError(f"{name}.step(): noise shape {noise.shape} differs from sample shape {np.shape(sample)}")
     return noise.astype(np.float64)
+
+
+@dataclass
+class StepOutput:
+    """One sampler step.
+
+    Attributes:
+        prev_sample (`(B, C, h, w)` array, dtype of the input sample): the sample at the next (less noisy) time.
+        pred_original_sample (`(B, C, h, w)` array, same dtype): the model's estimate of x0 at this step.
+    """
+
+    prev_sample: np.ndarray
+    pred_original_sample: np.ndarray

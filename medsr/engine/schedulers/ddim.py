@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import numpy as np
 
+from medsr.bundle.scheduler import SchedulerConfig
 from medsr.errors import InputError
 
-from .common import TableScheduler, check_noise, check_steps, not_ready, predict_x0_eps, spaced_timesteps, table_index
-from .config import SchedulerConfig, StepOutput
+from .common import (
+    StepOutput,
+    TableScheduler,
+    check_noise,
+    check_steps,
+    not_ready,
+    predict_x0_eps,
+    spaced_timesteps,
+    table_index,
+)
 
 
 class DDIMScheduler(TableScheduler):

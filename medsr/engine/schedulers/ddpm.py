@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from medsr.bundle.scheduler import SchedulerConfig
 from medsr.errors import InputError
 
 from .common import (
+    StepOutput,
     TableScheduler,
     check_noise,
     check_steps,
@@ -15,7 +17,6 @@ from .common import (
     spaced_timesteps,
     table_index,
 )
-from .config import SchedulerConfig, StepOutput
 
 
 class DDPMScheduler(TableScheduler):

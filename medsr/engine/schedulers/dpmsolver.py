@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from medsr.bundle.scheduler import SchedulerConfig
+
 from .common import (
+    StepOutput,
     TableScheduler,
     check_in_table,
     check_step_order,
@@ -14,7 +17,6 @@ from .common import (
     predict_x0_eps,
     table_index,
 )
-from .config import SchedulerConfig, StepOutput
 
 
 class DPMSolverPlusPlus2MScheduler(TableScheduler):

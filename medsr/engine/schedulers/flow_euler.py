@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import check_step_order, check_steps, not_ready, predict_x0_eps
-from .config import SchedulerConfig, StepOutput
+from medsr.bundle.scheduler import SchedulerConfig
+
+from .common import StepOutput, check_step_order, check_steps, not_ready, predict_x0_eps
 
 
 class FlowEulerScheduler:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from medsr.bundle.scheduler import SchedulerConfig
 from medsr.errors import InputError
 
-from .common import TableScheduler, check_steps, not_ready, predict_x0_eps, table_index
-from .config import SchedulerConfig, StepOutput
+from .common import StepOutput, TableScheduler, check_steps, not_ready, predict_x0_eps, table_index
 
 #: the paper's code recovers eps as (z - sqrt(a) x0) / (sqrt(1 - a) + 1e-4)
 SIGMA_OFFSET = 1e-4

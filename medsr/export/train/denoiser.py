@@ -87,7 +87,7 @@ def encode_latents(vae, images: np.ndarray, preset: Preset, chunk: int = 64) -> 
 def build_latent_cache(run_dir: Path, vae, preset: Preset, slices: list[Slice], objective: DenoiserConfig, seed: int):
     """(hr latents, conditioning latents), encoded once and stored in ``run_dir/latents.safetensors`` (reused if
     present). The conditioning latent is the LR crop's, or the HR-size crop of the whole LR slice's upsampling under
-    the preset's ``upsampled_latent_concat`` conditioning (medsr.engine.conditioning), as the engine encodes it."""
+    the preset's ``upsampled_latent_concat`` conditioning (medsr.bundle.conditioning), as the engine encodes it."""
     from safetensors.torch import load_file, save_file
 
     path = run_dir / LATENT_CACHE

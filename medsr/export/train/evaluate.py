@@ -28,7 +28,7 @@ def evaluate_bundle(
     bundle_dir: Path, sources: list[Source], steps: int | None = None, threads: int | None = None
 ) -> dict:
     """{source name: {"slices": n, "metrics": {method: {"psnr", "ssim"}}, "seconds_per_slice": {...}}}."""
-    from medsr.engine.bundle import load_bundle
+    from medsr.bundle import load_bundle
     from medsr.engine.pipeline import LatentSRPipeline, SamplingOptions
     from medsr.engine.sessions import open_sessions
 

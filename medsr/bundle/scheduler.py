@@ -1,4 +1,4 @@
-"""The scheduler configuration (stored in a bundle manifest) and the result of one sampler step."""
+"""The scheduler configuration: the manifest's ``scheduler`` section, which sampler the model was trained for."""
 
 from __future__ import annotations
 
@@ -156,16 +156,3 @@ def _check_type(name: str, value: object, annotation: str) -> None:
     expected = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,)}[annotation]
     if isinstance(value, bool) and annotation != "bool" or not isinstance(value, expected):
         raise InputError(f"scheduler `{name}` must be of type {annotation}, got {value!r}")
-
-
-@dataclass
-class StepOutput:
-    """One sampler step.
-
-    Attributes:
-        prev_sample (`(B, C, h, w)` array, dtype of the input sample): the sample at the next (less noisy) time.
-        pred_original_sample (`(B, C, h, w)` array, same dtype): the model's estimate of x0 at this step.
-    """
-
-    prev_sample: np.ndarray
-    pred_original_sample: np.ndarray

@@ -8,7 +8,7 @@ The three graphs of a bundle (DESIGN.md, "The bundle"):
 - ``vae_decoder``: ``latent`` (B, C_lat, h, w), unscaled -> ``image`` (B, C_img, h*f, w*f).
 - ``denoiser``: ``sample`` (B, C_lat, h, w), ``lr_latent`` (B, C_lat, h/s, w/s), ``timestep`` (B,) float32 ->
   ``model_output`` (B, C_lat, h, w). The LR latent is upsampled and concatenated inside the graph; under the
-  ``upsampled_latent_concat`` conditioning (medsr.engine.conditioning) it is the latent of the LR slice already
+  ``upsampled_latent_concat`` conditioning (medsr.bundle.conditioning) it is the latent of the LR slice already
   upsampled to the HR size, (B, C_lat, h, w), and is concatenated as it is.
 """
 

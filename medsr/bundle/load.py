@@ -1,6 +1,6 @@
 """Reading and validating an exported model bundle: the contract between export and engine (DESIGN.md).
 
-A bundle is a directory holding ``medsr.json`` (the manifest) and the three ONNX graphs of medsr.engine.graphs.
+A bundle is a directory holding ``medsr.json`` (the manifest) and the three ONNX graphs of medsr.bundle.graphs.
 Nothing is trusted unchecked: an unknown format version, a missing field, a graph whose sha256 or I/O names differ
 from the manifest is refused with a BundleError that names the mismatch.
 """
@@ -13,8 +13,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from medsr.engine.conditioning import Conditioning
-from medsr.engine.graphs import GRAPHS
+from medsr.bundle.conditioning import Conditioning
+from medsr.bundle.graphs import GRAPHS
 from medsr.errors import BundleError
 
 FORMAT_VERSION = 1
@@ -81,7 +81,7 @@ class Bundle:
 
     @property
     def conditioning(self) -> Conditioning:
-        """How the denoiser sees the LR slice (medsr.engine.conditioning)."""
+        """How the denoiser sees the LR slice (medsr.bundle.conditioning)."""
         return Conditioning.from_manifest(self.manifest["denoiser"])
 
     @property
@@ -127,7 +127,7 @@ def load_bundle(path: str | os.PathLike, verify_hashes: bool = True) -> Bundle:
 
     Raises:
         BundleError: missing directory or manifest, unreadable JSON, unknown format version, missing fields,
-            unknown or missing graphs, I/O names that differ from medsr.engine.graphs, sha256 mismatch.
+            unknown or missing graphs, I/O names that differ from medsr.bundle.graphs, sha256 mismatch.
     """
     root = Path(path)
     manifest_path = root / MANIFEST_NAME
