@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -54,11 +55,31 @@ def _trajectory(config: SchedulerConfig, steps: int = 6) -> list[np.ndarray]:
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.algorithm)
 def test_config_roundtrip_gives_same_steps(config):
-    """save -> JSON -> load gives an equal config and bit-identical steps (diffusers' check_over_configs)."""
+    """save -> JSON -> load gives an equal config and bit-identical steps (diffusers' check_over_configs), and
+    the steps depend on every field the config moves off its default, so that a field lost or retyped on the
+    way would show in them."""
     loaded = SchedulerConfig.from_dict(json.loads(json.dumps(config.to_dict())))
     assert loaded == config
-    for a, b in zip(_trajectory(config), _trajectory(loaded)):
+    reference = _trajectory(config)
+    reloaded = _trajectory(loaded)
+    assert len(reloaded) == len(reference) > 0
+    for a, b in zip(reloaded, reference):
+        assert a.dtype == b.dtype
         np.testing.assert_array_equal(a, b)
+    checked = []
+    for field in dataclasses.fields(SchedulerConfig):
+        if getattr(config, field.name) == field.default:
+            continue
+        try:
+            changed = dataclasses.replace(config, **{field.name: field.default})
+        except InputError:  # the default does not fit the rest (the paper's loop needs x0 prediction)
+            continue
+        other = _trajectory(changed)
+        assert len(other) != len(reference) or any(not np.array_equal(a, b) for a, b in zip(other, reference)), (
+            f"resetting {field.name} does not change the steps"
+        )
+        checked.append(field.name)
+    assert checked
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.algorithm)
@@ -303,7 +324,158 @@ def test_reversed_table_feeds_reversed_timesteps_and_samples_the_same(algorithm)
     np.testing.assert_array_equal(results[3], results[1])
 
 
-def test_steps_offset_past_the_table_is_refused():
-    scheduler = make_scheduler(SchedulerConfig(steps_offset=5))
+@pytest.mark.parametrize("algorithm", ["ddim", "ddpm", "dpmsolver++"])
+def test_steps_offset_past_the_table_is_refused(algorithm):
+    scheduler = make_scheduler(SchedulerConfig(algorithm=algorithm, steps_offset=5))
     with pytest.raises(InputError, match="steps_offset"):
         scheduler.set_timesteps(1000)
+
+
+# ---------------------------------------------------------------- timestep spacing, every step count
+
+
+def _spaced(algorithm: str, spacing: str) -> SchedulerConfig:
+    """A config of ``algorithm`` on the default 1000-entry table with ``spacing`` (ignored by flow and latentsr)."""
+    if algorithm.startswith("flow_euler"):
+        convention = "latentsr" if algorithm.endswith("latentsr") else "diffusers"
+        return SchedulerConfig(algorithm="flow_euler", prediction_type="flow", flow_convention=convention)
+    reversed_table = algorithm == "latentsr"  # the paper's own indexing
+    return SchedulerConfig(
+        algorithm=algorithm, prediction_type="sample", timestep_spacing=spacing, reversed_table=reversed_table
+    )
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize(
+    "algorithm", ["ddim", "ddpm", "dpmsolver++", "latentsr", "flow_euler/diffusers", "flow_euler/latentsr"]
+)
+def test_every_step_count_gives_that_many_timesteps(algorithm, spacing):
+    """For every n in 1..T: exactly n model calls, noisiest first, none outside the table (or the flow's range).
+
+    Before the integer spacing, trailing gave n + 1 timesteps ending at -1 for 62 of these n (61, 103, 121, ...).
+    """
+    config = _spaced(algorithm, spacing)
+    scheduler = make_scheduler(config)
+    T = config.num_train_timesteps
+    for n in range(1, T + 1):
+        scheduler.set_timesteps(n)
+        t = scheduler.timesteps
+        assert t.shape == (n,), (n, t.shape)
+        if algorithm == "latentsr":  # the paper's reversed index i = 0..n-1: table entries T-1, T-2, ... T-n
+            np.testing.assert_array_equal(t, np.arange(n))
+        elif algorithm.startswith("flow_euler"):
+            sigmas = scheduler.sigmas  # noise level at each call, then 0
+            assert sigmas.shape == (n + 1,) and sigmas[0] == 1.0 and sigmas[-1] == 0.0, n
+            assert np.all(np.diff(sigmas) < 0), n
+            if config.flow_convention == "diffusers":  # the model receives sigma * T, in (0, T]
+                np.testing.assert_array_equal(t, sigmas[:-1] * T)
+            else:  # the model receives int((1 - sigma) (T - 1)): in [0, T - 1], repeating 0 only at n = T
+                assert t.dtype == np.int64 and t[0] == 0 and t[-1] <= T - 1, n
+                assert np.all(np.diff(t) > 0) if n < T else np.all(np.diff(t) >= 0), n
+        else:
+            assert t.dtype == np.int64 and t[-1] >= 0 and t[0] <= T - 1, n
+            assert np.all(np.diff(t) < 0), (n, t)
+
+
+# ---------------------------------------------------------------- --sampler: another sampler for the same model
+
+
+def _paper_config() -> SchedulerConfig:
+    from medsr.export.presets import get_preset
+
+    return SchedulerConfig.from_dict(get_preset("latentsr-medvae-4x3").scheduler)
+
+
+def _default_bundle_config() -> SchedulerConfig:
+    from medsr.models import DEFAULT_BUNDLE
+
+    return SchedulerConfig.from_dict(json.loads((DEFAULT_BUNDLE / "medsr.json").read_text())["scheduler"])
+
+
+def test_ddim_on_the_paper_model_keeps_its_table_and_drops_its_loops_settings():
+    """The paper's 0.5 start and 1000 consecutive steps belong to its loop; DDIM starts from N(0, I) at the
+    noisiest entry of the same reversed cosine table (the model's timestep 0)."""
+    paper = _paper_config()
+    assert (paper.algorithm, paper.init_noise_sigma, paper.default_steps) == ("latentsr", 0.5, 1000)
+    ddim = paper.with_sampler("ddim")
+    assert ddim == SchedulerConfig(
+        algorithm="ddim",
+        beta_schedule="cosine",
+        prediction_type="sample",
+        reversed_table=True,
+        timestep_spacing="trailing",
+        default_steps=50,
+    )
+    scheduler = make_scheduler(ddim)
+    scheduler.set_timesteps(ddim.default_steps)
+    assert scheduler.init_noise_sigma == 1.0 and scheduler.timesteps[0] == 0 and len(scheduler.timesteps) == 50
+    assert paper.with_sampler("latentsr") is paper
+
+
+def test_flow_sampler_on_a_variance_preserving_model_is_refused_in_one_line():
+    with pytest.raises(InputError) as caught:
+        _paper_config().with_sampler("flow_euler")
+    assert str(caught.value) == (
+        "sampler flow_euler assumes a rectified-flow model; this bundle was trained as variance-preserving "
+        "(prediction_type sample, beta_schedule cosine)"
+    )
+
+
+def test_discrete_sampler_on_a_flow_model_is_refused():
+    flow = SchedulerConfig(algorithm="flow_euler", prediction_type="sample", flow_convention="latentsr")
+    with pytest.raises(InputError, match=r"^sampler ddim assumes a variance-preserving model; .* rectified-flow "):
+        flow.with_sampler("ddim")
+
+
+@pytest.mark.parametrize(
+    "sampler, changes",
+    [
+        ("latentsr", {"init_noise_sigma": 0.5, "default_steps": 1000, "timestep_spacing": "leading"}),
+        ("dpmsolver++", {"default_steps": 20}),
+        ("ddpm", {"default_steps": 1000}),
+    ],
+)
+def test_samplers_on_the_default_bundle_keep_its_model(sampler, changes):
+    """The default bundle (x0 on the capped cosine table, DDIM in 1 step) under each other discrete sampler."""
+    default = _default_bundle_config()
+    switched = default.with_sampler(sampler)
+    expected = {"algorithm": sampler, "timestep_spacing": "trailing", "init_noise_sigma": 1.0, **changes}
+    assert switched == dataclasses.replace(default, **expected)
+    assert switched.beta_schedule == "squaredcos_cap_v2" and switched.prediction_type == "sample"
+
+
+def test_switching_resets_every_sampler_field_and_keeps_every_model_field():
+    """A bundle tuned its DDIM (eta, clipping, offset, final alpha, leading spacing, 7 steps, 0.8 start): DDPM
+    gets none of it, and the model's table (a 500-entry scaled-linear, v prediction) stays."""
+    model = {
+        "num_train_timesteps": 500,
+        "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "prediction_type": "v_prediction",
+        "reversed_table": True,
+    }
+    tuned = SchedulerConfig(
+        algorithm="ddim",
+        eta=0.7,
+        clip_sample=True,
+        clip_sample_range=2.0,
+        steps_offset=1,
+        set_alpha_to_one=False,
+        init_noise_sigma=0.8,
+        default_steps=7,
+        **model,
+    )
+    assert tuned.with_sampler("ddpm") == SchedulerConfig(
+        algorithm="ddpm", timestep_spacing="trailing", default_steps=500, **model
+    )
+
+
+def test_the_papers_loop_needs_an_x0_model():
+    with pytest.raises(InputError, match="sampler latentsr needs a model that predicts sample; .* predicts epsilon"):
+        SchedulerConfig().with_sampler("latentsr")
+
+
+def test_unknown_sampler_is_refused():
+    with pytest.raises(InputError, match="euler_a"):
+        SchedulerConfig().with_sampler("euler_a")

@@ -74,7 +74,7 @@ def test_table_is_the_papers_reversed_cosine():
     # the paper's float32 table agrees to float32 rounding
     np.testing.assert_allclose(ours, paper_cosine_schedule(1000, dtype=torch.float32).numpy(), rtol=0, atol=2e-6)
     assert ours[0] < 1e-30 and ours[-1] > 0.9999  # index 0 is the noisiest
-    assert abs(ours[99] - 0.024) < 5e-4  # REFERENCE.md: T = 100 ends at alpha_bar 0.024
+    assert abs(ours[99] - 0.024) < 5e-4  # docs/sources.md, "The method": T = 100 ends at alpha_bar 0.024
 
 
 @pytest.mark.parametrize("steps", [1, 2, 50, 1000])

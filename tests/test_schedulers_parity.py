@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import types
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -103,6 +104,57 @@ def vp_kwargs(config: SchedulerConfig) -> dict:
     }
 
 
+# ---------------------------------------------------------------- timesteps of every step count
+
+
+def exact_timesteps(config: SchedulerConfig, n: int, solver_grid: bool) -> tuple[list[int], list[bool]]:
+    """diffusers' spacing formulas in exact rationals (Python's round: half to even), noisiest first, n of them,
+    and which of them were a tie (x.5) before rounding."""
+    T, grid = config.num_train_timesteps, n + solver_grid
+    if config.timestep_spacing == "trailing":
+        values, shift = [Fraction(T * (n - k), n) for k in range(n)], -1
+    elif config.timestep_spacing == "leading":
+        values, shift = [Fraction(j * (T // grid)) for j in range(grid)][::-1][:n], 0
+    else:
+        values, shift = [Fraction((T - 1) * j, max(grid - 1, 1)) for j in range(grid)][::-1][:n], 0
+    return [round(x) + shift for x in values], [x.denominator == 2 for x in values]
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("algorithm", ["ddim", "ddpm", "dpmsolver++"])
+def test_timesteps_match_diffusers_for_every_step_count(algorithm, spacing):
+    """For every n in 1..T: ours are diffusers' formula in exact arithmetic, and equal diffusers' own timesteps
+    wherever diffusers is right.
+
+    diffusers is wrong, and excluded, where it does not return n distinct timesteps: trailing spacing gives n + 1
+    ending at -1 for 62 of the n (np.arange(T, 0, -T / n) in floating point: n = 61, 103, 121, ...; its first n
+    are compared), and DPMSolverMultistepScheduler's leading and linspace grids repeat a timestep at n = T (ours then
+    use every table entry). At an exact tie (x.5) diffusers' float value lands on either side, so there ours,
+    rounded half to even, may differ from it by one; everywhere else they are equal.
+    """
+    config = SchedulerConfig(algorithm=algorithm, timestep_spacing=spacing)
+    theirs = {"ddim": diffusers_ddim, "ddpm": diffusers_ddpm, "dpmsolver++": diffusers_dpm}[algorithm](config)
+    ours = make_scheduler(config)
+    T, excluded = config.num_train_timesteps, []
+    for n in range(1, T + 1):
+        theirs.set_timesteps(n)
+        ours.set_timesteps(n)
+        t_theirs, t_ours = theirs.timesteps.numpy(), ours.timesteps
+        if len(t_theirs) != n or len(np.unique(t_theirs)) != n:
+            excluded.append(n)
+            if algorithm == "dpmsolver++" and n == T:
+                np.testing.assert_array_equal(t_ours, np.arange(T)[::-1])
+                continue
+            assert spacing == "trailing" and len(t_theirs) == n + 1 and t_theirs[-1] == -1, n
+            t_theirs = t_theirs[:n]
+        exact, tie = exact_timesteps(config, n, solver_grid=algorithm == "dpmsolver++")
+        np.testing.assert_array_equal(t_ours, exact, err_msg=f"n = {n}")
+        tie = np.array(tie)
+        np.testing.assert_array_equal(t_ours[~tie], t_theirs[~tie], err_msg=f"n = {n}")
+        assert np.all(np.abs(t_ours[tie] - t_theirs[tie]) <= 1), n
+    assert len(excluded) <= (62 if spacing == "trailing" else int(algorithm == "dpmsolver++")), excluded
+
+
 # ---------------------------------------------------------------- DDIM
 
 
@@ -122,6 +174,23 @@ def test_ddim_matches_diffusers(prediction_type, spacing, eta):
     config = SchedulerConfig(algorithm="ddim", prediction_type=prediction_type, timestep_spacing=spacing, eta=eta)
     err = run_pair(config, diffusers_ddim(config), 10, noise_kw=lambda n: {"eta": eta, "variance_noise": n})
     assert err <= RTOL, err
+
+
+def test_ddim_at_a_step_count_diffusers_overruns_is_its_first_n_steps():
+    """Trailing, n = 61: diffusers lays 62 timesteps, the last -1 (a step from alpha_bar[-1], the noisiest entry,
+    after the image is done); ours stop after its first 61 steps, with the same image."""
+    config = SchedulerConfig(algorithm="ddim", prediction_type="sample", timestep_spacing="trailing")
+    ours, theirs = make_scheduler(config), diffusers_ddim(config)
+    ours.set_timesteps(61)
+    theirs.set_timesteps(61)
+    assert len(theirs.timesteps) == 62 and theirs.timesteps[-1] == -1
+    np.testing.assert_array_equal(ours.timesteps, theirs.timesteps[:61].numpy())
+    x = np.random.default_rng(0).standard_normal(SHAPE)
+    y = torch.from_numpy(x.copy())
+    for t in ours.timesteps:
+        x = ours.step(fake_model(x, t), t, x).prev_sample
+        y = theirs.step(torch.from_numpy(fake_model(y.numpy(), t)), int(t), y).prev_sample
+    assert rel_err(x, y.numpy()) <= RTOL
 
 
 @pytest.mark.parametrize(

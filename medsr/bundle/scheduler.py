@@ -26,10 +26,36 @@ SUPPORTED_PREDICTIONS = {
     "latentsr": ("sample",),
 }
 
+#: the forward process each sampler assumes the model was trained on: a discrete variance-preserving table
+#: (x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps; the paper's loop walks its reversed x0 table) or a rectified
+#: flow (x = (1 - sigma) x0 + sigma eps)
+PROCESSES = {
+    "ddim": "variance-preserving",
+    "ddpm": "variance-preserving",
+    "dpmsolver++": "variance-preserving",
+    "flow_euler": "rectified-flow",
+    "latentsr": "variance-preserving",
+}
+
+#: the fields the trained model fixes (its table, how it reads timesteps, what it outputs; its process is its
+#: algorithm's `PROCESSES` entry); every other field but ``algorithm`` belongs to the sampler
+MODEL_FIELDS = (
+    "num_train_timesteps",
+    "beta_schedule",
+    "beta_start",
+    "beta_end",
+    "prediction_type",
+    "reversed_table",
+    "flow_convention",
+)
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
     """Everything a sampler and the training loop need to agree on; lives in the manifest's ``scheduler`` entry.
+
+    The `MODEL_FIELDS` describe the trained model; ``algorithm`` and the other fields its sampler, which
+    `with_sampler` replaces.
 
     Attributes:
         algorithm (`str`, defaults to ``"ddim"``): the sampler, one of ``"ddim"``, ``"ddpm"``, ``"dpmsolver++"``,
@@ -128,6 +154,44 @@ class SchedulerConfig:
                 f"scheduler `flow_shift` must be 1.0 with flow_convention 'latentsr', got {self.flow_shift!r}"
             )
 
+    @property
+    def process(self) -> str:
+        """The forward process the model was trained on, as its sampler assumes it (`PROCESSES`)."""
+        return PROCESSES[self.algorithm]
+
+    def with_sampler(self, algorithm: str) -> SchedulerConfig:
+        """The same trained model sampled by ``algorithm`` (``--sampler``).
+
+        The `MODEL_FIELDS` are kept; the sampler's fields start from `sampler_defaults`, not from the bundle's
+        tuning of its own sampler (the paper's 0.5 initial noise and 1000 steps are its loop's, not DDIM's).
+        Asking for the bundle's own algorithm returns the config unchanged.
+
+        Raises:
+            InputError: an unknown sampler, one that assumes another process than the model's, or one that
+                cannot use the model's prediction type; one line naming both.
+        """
+        if algorithm == self.algorithm:
+            return self
+        if algorithm not in ALGORITHMS:
+            raise InputError(f"unknown sampler {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+        if PROCESSES[algorithm] != self.process:
+            trained = (
+                f"flow_convention {self.flow_convention}"
+                if self.process == "rectified-flow"
+                else f"beta_schedule {self.beta_schedule}"
+            )
+            raise InputError(
+                f"sampler {algorithm} assumes a {PROCESSES[algorithm]} model; this bundle was trained as "
+                f"{self.process} (prediction_type {self.prediction_type}, {trained})"
+            )
+        if self.prediction_type not in SUPPORTED_PREDICTIONS[algorithm]:
+            raise InputError(
+                f"sampler {algorithm} needs a model that predicts {' or '.join(SUPPORTED_PREDICTIONS[algorithm])}; "
+                f"this bundle's model predicts {self.prediction_type}"
+            )
+        model = {name: getattr(self, name) for name in MODEL_FIELDS}
+        return SchedulerConfig(algorithm=algorithm, **model, **sampler_defaults(algorithm, self.num_train_timesteps))
+
     def to_dict(self) -> dict:
         """The config as a JSON-ready dict (every field, by name)."""
         return dataclasses.asdict(self)
@@ -149,6 +213,25 @@ class SchedulerConfig:
             return cls(**d)
         except InputError as exc:
             raise BundleError(f"manifest {exc}") from exc
+
+
+def sampler_defaults(algorithm: str, num_train_timesteps: int) -> dict:
+    """The sampler fields ``algorithm`` starts from when it replaces a bundle's own sampler (`with_sampler`).
+
+    The `SchedulerConfig` defaults (no offset, eta 0, no clipping, alpha_bar_prev = 1 at the end, shift 1,
+    1.0 N(0, I) start), except: the respaced samplers use trailing spacing, whose first timestep is T - 1, where
+    the N(0, I) start belongs (Lin et al. 2023, Table 2; leading starts below it), and each its usual step count
+    (diffusers' pipelines: DDIM 50, DDPM the whole table, DPM-Solver++ 20); the paper's loop starts from
+    0.5 N(0, I) and runs its code's default of the whole table (docs/sources.md, "The method").
+    """
+    T = num_train_timesteps
+    return {
+        "ddim": {"timestep_spacing": "trailing", "default_steps": min(50, T)},
+        "ddpm": {"timestep_spacing": "trailing", "default_steps": T},
+        "dpmsolver++": {"timestep_spacing": "trailing", "default_steps": min(20, T)},
+        "flow_euler": {"default_steps": min(50, T)},
+        "latentsr": {"init_noise_sigma": 0.5, "default_steps": T},
+    }[algorithm]
 
 
 def _check_type(name: str, value: object, annotation: str) -> None:

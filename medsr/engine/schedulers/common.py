@@ -45,8 +45,9 @@ def _cosine_alpha_bar(t: np.ndarray, s: float = 0.008) -> np.ndarray:
     return np.cos((t + s) / (1 + s) * math.pi / 2) ** 2
 
 
-def table_index(t: int, config: SchedulerConfig) -> int:
-    """Model timestep <-> table index (its own inverse): ``T - 1 - t`` when ``config.reversed_table``, else t."""
+def table_index(t: int | np.ndarray, config: SchedulerConfig) -> int | np.ndarray:
+    """Model timestep <-> table index (its own inverse), elementwise: ``T - 1 - t`` when ``config.reversed_table``,
+    else t."""
     return config.num_train_timesteps - 1 - t if config.reversed_table else t
 
 
@@ -139,21 +140,40 @@ def training_target(x0: np.ndarray, noise: np.ndarray, t: np.ndarray | float, co
     return target.astype(x0.dtype)
 
 
-def spaced_timesteps(config: SchedulerConfig, num_inference_steps: int) -> np.ndarray:
-    """Table indices, noisiest first, for DDIM and DDPM as diffusers spaces them (Lin et al. 2023, Table 2).
+def spaced_timesteps(config: SchedulerConfig, num_inference_steps: int, solver_grid: bool = False) -> np.ndarray:
+    """Table indices (int64, shape ``(n,)``, noisiest first) as diffusers spaces them (Lin et al. 2023, Table 2).
 
-    ``"linspace"``: round(linspace(0, T - 1, n)) reversed; ``"leading"``: (0, r, 2r, ...) reversed plus
-    ``steps_offset``, r = T // n; ``"trailing"``: round(T, T - T/n, ...) - 1.
+    DDIM and DDPM (``solver_grid=False``), with r = T // n:
+    ``"linspace"``: round(j (T - 1) / (n - 1)) for j = n - 1..0; ``"leading"``: (n - 1) r, ..., r, 0 plus
+    ``steps_offset``; ``"trailing"``: round(T (n - k) / n) - 1 for k = 0..n - 1.
+
+    DPMSolverMultistepScheduler (``solver_grid=True``) lays n + 1 points and drops the last: ``"linspace"``:
+    round(j (T - 1) / n) for j = n..1; ``"leading"``: n r, ..., r plus ``steps_offset`` with r = T // (n + 1);
+    ``"trailing"`` as above. With n = T no n + 1 grid has n distinct entries in [0, T - 1], so the solver then
+    uses the grid of DDIM: all of them, T - 1..0 (plus ``steps_offset`` for ``"leading"``, which leaves no room).
+
+    Every value is computed in integers from the exact rational, rounded half to even (`np.round`'s rule): diffusers
+    computes the same formulas in floating point, where ``np.arange(T, 0, -T / n)`` yields n + 1 values ending at
+    -1 for 62 of the n in 1..1000 (61, 103, 121, ...), and an exact tie such as 1000 * 3 / 48 = 62.5 may land on
+    either side. Elsewhere the values are diffusers' own.
     """
     T, n = config.num_train_timesteps, num_inference_steps
+    grid = n + 1 if solver_grid and n < T else n  # points laid before the solver's last one is dropped
     if config.timestep_spacing == "linspace":
-        k = np.linspace(0, T - 1, n).round()[::-1].astype(np.int64)
+        k = _round_ratio((T - 1) * np.arange(grid), max(grid - 1, 1))[::-1][:n]
     elif config.timestep_spacing == "leading":
-        k = (np.arange(n) * (T // n))[::-1].astype(np.int64) + config.steps_offset
+        k = (np.arange(grid) * (T // grid))[::-1][:n] + config.steps_offset
     else:
-        k = np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1
+        k = _round_ratio(T * (n - np.arange(n)), n) - 1
+    k = k.astype(np.int64)
     check_in_table(k, config)
     return k
+
+
+def _round_ratio(p: np.ndarray, q: int) -> np.ndarray:
+    """p / q rounded half to even, exactly, for integer arrays p >= 0 and an integer q > 0."""
+    whole, rest = np.divmod(np.asarray(p, np.int64), q)
+    return whole + ((2 * rest > q) | ((2 * rest == q) & (whole % 2 == 1)))
 
 
 def check_in_table(k: np.ndarray, config: SchedulerConfig) -> None:

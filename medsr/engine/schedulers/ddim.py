@@ -48,8 +48,7 @@ class DDIMScheduler(TableScheduler):
         """Choose the n timesteps (``config.timestep_spacing``); resets the scheduler."""
         check_steps(num_inference_steps, self.config)
         self.num_inference_steps = int(num_inference_steps)
-        k = spaced_timesteps(self.config, self.num_inference_steps)
-        self.timesteps = np.array([table_index(int(i), self.config) for i in k], np.int64)
+        self.timesteps = table_index(spaced_timesteps(self.config, self.num_inference_steps), self.config)
 
     def step(self, model_output: np.ndarray, t: int, sample: np.ndarray, noise: np.ndarray | None = None) -> StepOutput:
         """One DDIM step from the model's timestep ``t`` (an entry of `timesteps`).

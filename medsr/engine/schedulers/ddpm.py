@@ -48,7 +48,7 @@ class DDPMScheduler(TableScheduler):
         """Choose the n timesteps (``config.timestep_spacing``); resets the scheduler."""
         check_steps(num_inference_steps, self.config)
         self._k = spaced_timesteps(self.config, int(num_inference_steps))
-        self.timesteps = np.array([table_index(int(k), self.config) for k in self._k], np.int64)
+        self.timesteps = table_index(self._k, self.config)
 
     def step(self, model_output: np.ndarray, t: int, sample: np.ndarray, noise: np.ndarray | None = None) -> StepOutput:
         """One ancestral step from the model's timestep ``t`` (an entry of `timesteps`).

@@ -10,11 +10,11 @@ from medsr.bundle.scheduler import SchedulerConfig
 from .common import (
     StepOutput,
     TableScheduler,
-    check_in_table,
     check_step_order,
     check_steps,
     not_ready,
     predict_x0_eps,
+    spaced_timesteps,
     table_index,
 )
 
@@ -50,25 +50,15 @@ class DPMSolverPlusPlus2MScheduler(TableScheduler):
         self._x0_prev: np.ndarray | None = None
 
     def set_timesteps(self, num_inference_steps: int) -> None:
-        """Choose the n timesteps and forget the solver's history.
-
-        Spacing as DPMSolverMultistepScheduler defines it (n + 1 points, the last dropped): ``"linspace"``:
-        round(linspace(0, T - 1, n + 1)) reversed; ``"leading"``: (0, r, ..., n r) reversed plus
-        ``steps_offset``, r = T // (n + 1); ``"trailing"``: round(T, T - T/n, ...) - 1.
-        """
+        """Choose the n timesteps (``config.timestep_spacing`` on DPMSolverMultistepScheduler's grid of n + 1
+        points, see `spaced_timesteps`) and forget the solver's history."""
         check_steps(num_inference_steps, self.config)
-        cfg, T, n = self.config, self.config.num_train_timesteps, int(num_inference_steps)
-        if cfg.timestep_spacing == "linspace":
-            k = np.linspace(0, T - 1, n + 1).round()[::-1][:-1].astype(np.int64)
-        elif cfg.timestep_spacing == "leading":
-            k = (np.arange(n + 1) * (T // (n + 1)))[::-1][:-1].astype(np.int64) + cfg.steps_offset
-        else:
-            k = np.arange(T, 0, -T / n).round().astype(np.int64) - 1
-        check_in_table(k, cfg)
+        cfg = self.config
+        k = spaced_timesteps(cfg, int(num_inference_steps), solver_grid=True)
         a = self.alphas_cumprod[k]
         self._alpha = np.append(np.sqrt(a), 1.0)
         self._sigma = np.append(np.sqrt(1 - a), 0.0)
-        self.timesteps = np.array([table_index(int(i), cfg) for i in k], np.int64)
+        self.timesteps = table_index(k, cfg)
         self._step_index = 0
         self._x0_prev = None
 

@@ -23,7 +23,9 @@ class FlowEulerScheduler:
 
     ``flow_convention="latentsr"`` (the paper's ablation, time t = 1 - sigma the data fraction): t_i = i / n for
     i = 0..n-1, so sigma_i = 1 - i / n, then sigma = 0 (every dt = 1 / n); the model receives
-    ``int(t_i * (T - 1))`` (int64) and a ``"flow"`` output means z_HR - eps, so the step is z + v / n.
+    ``int(t_i * (T - 1))`` (int64), computed exactly as i (T - 1) // n (the paper's float product falls one short
+    where it is a whole number, 62 for i = 7, n = 111, and repeats a timestep at n = 999), and a ``"flow"`` output
+    means z_HR - eps, so the step is z + v / n.
 
     Attributes:
         config: the `SchedulerConfig`.
@@ -47,9 +49,9 @@ class FlowEulerScheduler:
         check_steps(num_inference_steps, self.config)
         T, n, shift = self.config.num_train_timesteps, int(num_inference_steps), self.config.flow_shift
         if self.config.flow_convention == "latentsr":
-            t = np.arange(n) / n
-            sigmas = 1.0 - t
-            self.timesteps = (t * (T - 1)).astype(np.int64)
+            i = np.arange(n, dtype=np.int64)
+            sigmas = 1.0 - i / n
+            self.timesteps = i * (T - 1) // n  # int(t_i (T - 1)), exactly
         else:
             sigma_min = shift * (1 / T) / (1 + (shift - 1) * (1 / T))
             s = np.linspace(1.0, sigma_min, n)

@@ -47,7 +47,7 @@ class LatentSRScheduler(TableScheduler):
         check_steps(num_inference_steps, self.config)
         self.num_inference_steps = n = int(num_inference_steps)
         T = self.config.num_train_timesteps
-        self.timesteps = np.array([table_index(T - 1 - i, self.config) for i in range(n)], np.int64)
+        self.timesteps = table_index(T - 1 - np.arange(n, dtype=np.int64), self.config)
 
     def step(self, model_output: np.ndarray, t: int, sample: np.ndarray, noise: np.ndarray | None = None) -> StepOutput:
         """One step of the paper's loop from the model's timestep ``t`` (an entry of `timesteps`).
