@@ -161,7 +161,8 @@ def test_kspace_matches_scipy_resample_for_odd_scale(scale, lr_shape):
 
 @pytest.mark.parametrize("scale", SCALES)
 def test_kspace_follows_reference_recipe_on_bandlimited_image(scale):
-    # REFERENCE.md section 7: shift by (s-1)/2 with a phase ramp, keep the centre block of fftshift(fft2), / s^2.
+    # docs/sources.md, "Degradations and fair baselines": shift by (s-1)/2 with a phase ramp, keep the centre block
+    # of fftshift(fft2), / s^2.
     lr_shape = (9, 8)
     hr = _bandlimited(np.random.default_rng(1), lr_shape, scale)(*(np.arange(n * scale) for n in lr_shape))
     spectrum = np.fft.fft2(hr)
@@ -221,6 +222,7 @@ def test_to_dict_round_trips_through_json(variant):
     op = _op(variant, 3)
     d = json.loads(json.dumps(op.to_dict()))
     assert d["name"] == variant[0] and d["scale"] == 3
+    assert None not in d.values()  # unset parameters are left out, as a manifest's task.degradation writes them
     assert degradation_from_dict(d) == op
 
 

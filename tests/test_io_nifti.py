@@ -3,6 +3,7 @@ only when asked, and world coordinates checked against nibabel and SimpleITK (in
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import nibabel as nib
@@ -37,6 +38,49 @@ def test_load_applies_scaling_for_every_stored_type(tmp_path, dtype, slope, inte
     assert volume.data.dtype == np.float32 and volume.data.shape == (6, 5, 4)
     np.testing.assert_allclose(volume.data, expected, rtol=1e-6)
     assert volume.stored_dtype == np.dtype(dtype) and volume.format == "nifti"
+
+
+@pytest.mark.parametrize(
+    ("written_as", "named", "compress"),
+    [
+        ("plain.nii", "misnamed.nii.gz", False),  # some converters write uncompressed data under .nii.gz
+        ("packed.nii.gz", "misnamed.nii", True),  # gzip bytes under .nii
+    ],
+)
+def test_compression_is_told_by_content_not_by_name(tmp_path, written_as, named, compress):
+    """The same bytes read under their right and their wrong name give the same voxels and affine, as nibabel
+    reads them under the right name (and SimpleITK, which also goes by content, under the wrong .nii.gz one)."""
+    raw = np.round(smooth_image((6, 5, 4)) / 8).astype(np.int16)
+    right = write_nifti(tmp_path / written_as, raw, oblique_affine(), dtype=np.int16, slope=0.5, inter=-3.0)
+    assert (right.read_bytes()[:2] == b"\x1f\x8b") == compress
+    wrong = tmp_path / named
+    wrong.write_bytes(right.read_bytes())
+    volume = load_nifti(wrong)
+    reference = nib.load(right)
+    np.testing.assert_array_equal(volume.data, reference.get_fdata(dtype=np.float32))
+    np.testing.assert_allclose(volume.affine, reference.affine)
+    if named.endswith(".gz"):
+        sitk = pytest.importorskip("SimpleITK")
+        itk = np.transpose(sitk.GetArrayFromImage(sitk.ReadImage(str(wrong))), (2, 1, 0))
+        np.testing.assert_allclose(volume.data, itk, rtol=1e-6)
+
+
+@pytest.mark.parametrize("endianness", ["<", ">"])
+def test_nifti2_and_big_endian_files_load(tmp_path, endianness):
+    raw = smooth_image((5, 4, 3))
+    header = nib.Nifti2Header(endianness=endianness)
+    nib.save(nib.Nifti2Image(raw, oblique_affine(), header=header), tmp_path / "two.nii")
+    volume = load_nifti(tmp_path / "two.nii")
+    np.testing.assert_allclose(volume.data, raw, rtol=1e-6)
+    np.testing.assert_allclose(volume.affine, oblique_affine(), atol=1e-5)
+
+
+def test_a_file_without_a_nifti_header_is_refused_by_name(tmp_path):
+    path = tmp_path / "notes.nii.gz"
+    path.write_bytes(gzip.compress(b"not an image at all, but long enough to hold a header field"))
+    with pytest.raises(InputError, match="corrupt NIfTI: the header's sizeof_hdr is neither 348 nor 540") as info:
+        load_nifti(path)
+    assert str(path) in str(info.value)
 
 
 def test_2d_and_4d_files_keep_their_layout(tmp_path):

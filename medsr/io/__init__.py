@@ -1,1 +1,2 @@
-"""Medical image I/O: NIfTI (and later DICOM, PNG, TIFF), intensity normalization and the affine update."""
+"""Medical image I/O: NIfTI, DICOM, PNG and TIFF readers and writers, intensity windows, the affine update and atomic
+writes (docs/conventions.md for the geometry, the window and the world frames)."""

@@ -1,4 +1,4 @@
-"""The one affine rule of medsr: upsampling voxel axes while keeping the field of view (REFERENCE.md section 3).
+"""The one affine rule of medsr: upsampling voxel axes while keeping the field of view (docs/conventions.md).
 
 New voxel j along an axis upsampled by f sits at old continuous index (j + 0.5) / f - 0.5 (voxel centres,
 ``F.interpolate(align_corners=False)``, MONAI ``Zoom(keep_size=False)``), so ``A_new = A_old @ S`` with

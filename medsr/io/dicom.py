@@ -1,4 +1,4 @@
-"""DICOM in: a series directory or a single file as a Volume (REFERENCE.md section 3).
+"""DICOM in: a series directory or a single file as a Volume (docs/sources.md, "Medical image I/O").
 
 Files are grouped by SeriesInstanceUID (one series is chosen, or the series are listed), sorted by the position of
 ImagePositionPatient along the slice normal (cross product of the two ImageOrientationPatient vectors; never by

@@ -36,7 +36,7 @@ class Volume:
         meta: what that writer needs: the nibabel header (NIfTI), a ``DicomSeries`` (DICOM), a ``RasterInfo``.
         stored_dtype: the file's pixel type before scaling (``--dtype input`` writes this type).
         inverted: DICOM MONOCHROME1: low values display bright. ``data`` keeps the stored meaning; the model sees it
-            inverted (medsr.infer) so that bright is dense tissue, as it was trained.
+            inverted (medsr.engine.volume) so that bright is dense tissue, as it was trained.
         notes: warnings for the user (a pixel spacing fallback, repaired voxels, ...).
     """
 

@@ -1,17 +1,22 @@
 """NIfTI volumes in and out, with nibabel.
 
 Loading reads the header first (shape and type are checked, and the memory limit applied, before any voxel is
-read), then the voxels with scl_slope/scl_inter applied (``get_fdata``). Saving keeps the template's orientation
-codes, units, description, time step and extensions, writes the given affine into both qform and sform with their
-codes set explicitly (a copied header would otherwise reset them, REFERENCE.md section 3), writes float32 with slope 1
-/ intercept 0 unless an integer type is asked for, and records medsr's provenance in a JSON comment extension.
+read), then the voxels with scl_slope/scl_inter applied (``get_fdata``). Compression is told by content, not by the
+name, as ITK does: a file starting with the gzip magic bytes is decompressed whatever its suffix, so an uncompressed
+file named ``.nii.gz`` (written so by some converters) and a gzipped one named ``.nii`` both load. Saving keeps the
+template's orientation codes, units, description, time step and extensions, writes the given affine into both qform
+and sform with their codes set explicitly (a copied header would otherwise reset them; docs/sources.md, "Medical
+image I/O"), writes float32 with slope 1 / intercept 0 unless an integer type is asked for, and records medsr's
+provenance in a JSON comment extension.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -29,23 +34,56 @@ COMMENT_ECODE = 6
 SCANNER_CODE = 1
 #: Header data types medsr reads (names as numpy gives them); complex, RGB and bool are refused.
 READABLE_KINDS = "iuf"
+#: The first two bytes of every gzip stream (RFC 1952).
+GZIP_MAGIC = b"\x1f\x8b"
+#: sizeof_hdr, the header's first field: 348 for NIfTI-1, 540 for NIfTI-2 (either byte order).
+HEADER_SIZES = {348: "Nifti1Image", 540: "Nifti2Image"}
 
 
 def is_nifti(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
-def _open(path: Path):
-    """nibabel image with its header parsed and its voxels not yet read."""
+def is_gzip(path: Path) -> bool:
+    """Whether the file at ``path`` starts with the gzip magic bytes (its content, whatever its name)."""
+    with open(path, "rb") as file:
+        return file.read(len(GZIP_MAGIC)) == GZIP_MAGIC
+
+
+def _image_class(path: Path, stream):
+    """The nibabel class (NIfTI-1 or -2) that the header's sizeof_hdr names; the stream is left at its start."""
     import nibabel as nib
 
+    first = stream.read(4)
+    stream.seek(0)
+    sizes = {int.from_bytes(first, "little"), int.from_bytes(first, "big")} if len(first) == 4 else set()
+    for size, name in HEADER_SIZES.items():
+        if size in sizes:
+            return getattr(nib, name)
+    raise InputError(f"{path}: unreadable or corrupt NIfTI: the header's sizeof_hdr is neither 348 nor 540")
+
+
+@contextlib.contextmanager
+def _open(path: Path) -> Iterator:
+    """nibabel image with its header parsed and its voxels not yet read, valid inside the ``with`` block.
+
+    The file is decompressed when its content is gzip, whatever its suffix (nibabel alone goes by the suffix).
+    """
+    import gzip
+
     try:
-        image = nib.load(str(path))
-    except Exception as exc:  # a corrupt header can fail anywhere inside nibabel's parser
-        raise InputError(f"{path}: unreadable or corrupt NIfTI: {flat(exc)}") from exc
-    if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
-        raise InputError(f"{path}: not a NIfTI image ({type(image).__name__})")
-    return image
+        stream = (gzip.open if is_gzip(path) else open)(path, "rb")
+    except OSError as exc:  # check_input_file ran, but the file can still vanish or fail to read
+        raise InputError(f"{path}: cannot read the file: {exc.strerror or exc}") from exc
+    with stream:
+        try:
+            klass = _image_class(path, stream)
+            image = klass.from_stream(stream)
+        except InputError:
+            raise
+        except Exception as exc:  # a corrupt header can fail anywhere inside nibabel's parser
+            raise InputError(f"{path}: unreadable or corrupt NIfTI: {flat(exc)}") from exc
+        yield image
 
 
 def _spatial_shape(path: Path, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -79,7 +117,12 @@ def load_nifti(path: str | os.PathLike, limit: MemoryLimit | None = None, repair
 
 
 def _read(path: Path, limit: MemoryLimit | None, repair_nonfinite: bool) -> Volume:
-    image = _open(path)
+    with _open(path) as image:
+        return _read_image(path, image, limit, repair_nonfinite)
+
+
+def _read_image(path: Path, image, limit: MemoryLimit | None, repair_nonfinite: bool) -> Volume:
+    """The Volume of an open nibabel image: header checks and the memory limit first, then the voxels."""
     try:
         stored = np.dtype(image.get_data_dtype())
         shape = _spatial_shape(path, tuple(int(n) for n in image.shape))

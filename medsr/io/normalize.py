@@ -16,8 +16,8 @@ from medsr.errors import InputError
 class IntensityWindow:
     """Input intensities ``low`` -> -1 and ``high`` -> +1 (input units, e.g. MR signal or HU).
 
-    ``low > high`` is an inverted window: medsr.infer uses one for MONOCHROME1 images (low values display bright), so
-    that the model always sees bright = dense.
+    ``low > high`` is an inverted window: medsr.engine.volume uses one for MONOCHROME1 images (low values display
+    bright), so that the model always sees bright = dense.
     """
 
     low: float
