@@ -1,6 +1,6 @@
 """An independent CompVis LDM autoencoder (Encoder, Decoder, KL head), the oracle of the checkpoint tests.
 
-Written from the architecture description (REFERENCE.md section 2, latent-diffusion's
+Written from the architecture description (docs/sources.md, "MedVAE and SD-VAE checkpoints"; latent-diffusion's
 ``ldm/modules/diffusionmodules/model.py`` layout) without diffusers, so that a test comparing it with the converted
 diffusers AutoencoderKL checks the key conversion and the LoRA merge rather than one implementation against
 itself. Module attribute names reproduce the published state-dict keys exactly (``encoder.down.0.block.1.conv1.

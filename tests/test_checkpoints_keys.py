@@ -1,4 +1,5 @@
-"""The published MedVAE key lists (../shared/reference/*.txt): every key consumed, configurations as published.
+"""The published MedVAE key lists (tests/data/*_state_dict_keys.txt): every key consumed, configurations as
+published.
 
 Full-size state dicts are built from meta tensors (names and shapes, no storage), so these tests allocate nothing.
 """
@@ -22,10 +23,11 @@ from medsr.export.checkpoints import (
     merge_lora,
 )
 
-# Key and shape lists of the published MedVAE checkpoints (copied from the project's shared/reference).
-REFERENCE_DIR = Path(__file__).resolve().parent / "data"
+# Key and shape lists of the published MedVAE checkpoints (docs/sources.md, "MedVAE and SD-VAE checkpoints").
+KEY_LISTS_DIR = Path(__file__).resolve().parent / "data"
 
-# REFERENCE.md section 2, table of MedVAE 2D models: (f, latent C, image C, block widths, LoRA rank).
+# The table of MedVAE 2D models (docs/sources.md, "MedVAE and SD-VAE checkpoints"): (f, latent C, image C, block
+# widths, LoRA rank).
 PUBLISHED = {
     "medvae_4_1_2d": (4, 1, 1, (128, 256, 512), 0),
     "medvae_4_3_2d": (4, 3, 3, (128, 256, 512), 4),
@@ -36,7 +38,7 @@ PUBLISHED = {
 
 def read_key_list(name: str) -> dict[str, tuple[int, ...]]:
     """``{key: shape}`` from a ``name (d0, d1, ...)`` per line list; '#' lines are comments."""
-    path = REFERENCE_DIR / f"{name}_state_dict_keys.txt"
+    path = KEY_LISTS_DIR / f"{name}_state_dict_keys.txt"
     shapes = {}
     for line in path.read_text().splitlines():
         if line.strip() and not line.startswith("#"):
@@ -105,7 +107,8 @@ def test_names_round_trip(name):
 
 
 def test_decoder_levels_are_mirrored():
-    """REFERENCE.md: decoder.up.{i} -> decoder.up_blocks.{L-1-i}; encoder levels keep their index."""
+    """docs/sources.md, "MedVAE and SD-VAE checkpoints": decoder.up.{i} -> decoder.up_blocks.{L-1-i}; encoder
+    levels keep their index."""
     assert compvis_to_diffusers_key("decoder.up.0.block.2.nin_shortcut.weight", 4) == (
         "decoder.up_blocks.3.resnets.2.conv_shortcut.weight")
     assert compvis_to_diffusers_key("decoder.up.3.upsample.conv.bias", 4) == "decoder.up_blocks.0.upsamplers.0.conv.bias"

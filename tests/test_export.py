@@ -23,7 +23,7 @@ from medsr.export.reference import load_reference_models
 
 
 def test_validation_figures_are_recorded_for_two_shapes(tiny_bundle):
-    validation = load_bundle(tiny_bundle).manifest["validation"]["onnx_vs_torch"]
+    validation = load_bundle(tiny_bundle).manifest.validation["onnx_vs_torch"]
     for name, checks in validation.items():
         shapes = [tuple(map(tuple, check["input_shapes"].values())) for check in checks]
         assert len(shapes) == 2 and shapes[0] != shapes[1], name
@@ -49,16 +49,55 @@ def test_graphs_run_at_a_third_unseen_shape_and_match_torch(tiny_bundle):
             assert compare_arrays(onnx_out[output_name], tensor.numpy())["psnr_db"] > 100
 
 
-def test_denoiser_graph_upsamples_lr_latent_itself(tiny_bundle):
-    """The conditioning is inside the graph: changing only the LR latent changes the output."""
-    session = OrtSession(load_bundle(tiny_bundle).graph_path("denoiser"))
+def _centre_aligned_bilinear(x: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resampling of the last two axes of ``x`` in NumPy, written from medsr's geometry: LR pixel i sits at
+    HR coordinate s*i + (s-1)/2, so HR pixel j reads LR coordinate (j + 0.5) / s - 0.5, clamped to the edge pixels."""
+
+    def matrix(n_in: int, n_out: int) -> np.ndarray:
+        source = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+        low = np.floor(source).astype(int)
+        high, frac = np.minimum(low + 1, n_in - 1), source - low
+        weights = np.zeros((n_out, n_in))
+        np.add.at(weights, (np.arange(n_out), low), 1 - frac)
+        np.add.at(weights, (np.arange(n_out), high), frac)
+        return weights
+
+    return np.einsum("ph,...hw,qw->...pq", matrix(x.shape[-2], height), x, matrix(x.shape[-1], width))
+
+
+def test_denoiser_graph_upsamples_lr_latent_centre_aligned(tiny_bundle, tmp_path):
+    """The shipped denoiser graph resizes the LR latent to the sample's size itself, with the centre-aligned
+    bilinear geometry: the resized latent, cut out of the graph where it enters the UNet, equals a NumPy oracle
+    (align_corners=True or nearest would be off by far more than float error)."""
+    import onnx
+    import onnxruntime as ort
+    import torch.nn.functional as F
+    from onnx.utils import Extractor
+
+    model = onnx.load(str(load_bundle(tiny_bundle).graph_path("denoiser")))
+    resizes = [node for node in model.graph.node if node.op_type == "Resize" and node.input[0] == "lr_latent"]
+    assert len(resizes) == 1, "the graph must resize lr_latent exactly once"
+    upsampled = resizes[0].output[0]
+    assert any(n.op_type == "Concat" and list(n.input) == ["sample", upsampled] for n in model.graph.node)
+    probe = tmp_path / "upsampled_lr_latent.onnx"
+    onnx.save(Extractor(model).extract_model(["sample", "lr_latent"], [upsampled]), str(probe))
+
     rng = np.random.default_rng(0)
-    sample = rng.standard_normal((1, 4, 8, 8), dtype=np.float32)
-    lr = rng.standard_normal((1, 4, 2, 2), dtype=np.float32)
-    t = np.array([500.0], np.float32)
-    a = session.run({"sample": sample, "lr_latent": lr, "timestep": t})["model_output"]
-    b = session.run({"sample": sample, "lr_latent": lr + 1, "timestep": t})["model_output"]
-    assert a.shape == (1, 4, 8, 8) and np.abs(a - b).max() > 1e-3
+    lr = rng.standard_normal((2, 4, 3, 5)).astype(np.float32)
+    sample = np.zeros((2, 4, 12, 20), np.float32)  # x4, non-square: the graph takes the size from the sample
+    (got,) = ort.InferenceSession(str(probe), providers=["CPUExecutionProvider"]).run(
+        None, {"sample": sample, "lr_latent": lr}
+    )
+    expected = _centre_aligned_bilinear(lr.astype(np.float64), 12, 20)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+    lr_t = torch.from_numpy(lr)
+    torch_half_pixel = F.interpolate(lr_t, size=(12, 20), mode="bilinear", align_corners=False).numpy()
+    np.testing.assert_allclose(torch_half_pixel, expected, rtol=0, atol=1e-5)  # the oracle is PyTorch's geometry
+    for other in (
+        F.interpolate(lr_t, size=(12, 20), mode="bilinear", align_corners=True),
+        F.interpolate(lr_t, size=(12, 20), mode="nearest"),
+    ):
+        assert np.abs(other.numpy() - expected).max() > 0.1  # what the comparison above would catch
 
 
 def test_cli_requires_weights_or_random_init(tmp_path):
@@ -93,6 +132,7 @@ def test_weights_file_round_trip_records_provenance(tmp_path):
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "medsr.json").read_text())
     assert manifest["provenance"]["weights"]["file"] == "weights.safetensors"
+    assert manifest["provenance"]["objective"]["source"] == "preset"  # written by hand: no recorded objective
     reloaded_vae, _ = load_reference_models(load_bundle(out))
     for key, value in vae.state_dict().items():
         assert torch.equal(reloaded_vae.state_dict()[key], value), key
@@ -116,7 +156,7 @@ def test_attention_preset_exports_and_validates(tmp_path):
     from medsr.export.onnx import export_bundle
 
     bundle = load_bundle(export_bundle(vae, unet, preset, tmp_path / "attn", provenance))
-    for checks in bundle.manifest["validation"]["onnx_vs_torch"].values():
+    for checks in bundle.manifest.validation["onnx_vs_torch"].values():
         for check in checks:
             assert all(fig["psnr_db"] > 100 for fig in check["outputs"].values())
 

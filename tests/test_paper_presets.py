@@ -12,6 +12,7 @@ torch = pytest.importorskip("torch")
 
 from click.testing import CliRunner
 from compvis_reference import CompVisVAE, randomize_
+from fresh_python import run_python
 
 from medsr.bundle import load_bundle
 from medsr.cli.export import export
@@ -20,9 +21,17 @@ from medsr.engine.sessions import open_ort_sessions
 from medsr.export import presets as presets_module
 from medsr.export.checkpoints import MEDVAE_MODELS
 from medsr.export.models import build_unet
-from medsr.export.paper_presets import paper_unet
 from medsr.export.presets import get_preset
+from medsr.export.presets.paper import paper_unet
 from medsr.export.reference import load_reference_models
+
+
+@pytest.mark.parametrize("module", ["paper", "own", "base", "__init__"])
+def test_each_preset_module_imports_first_in_a_fresh_interpreter(module):
+    """No import cycle: the paper's presets imported before the registry used to fail half-initialised."""
+    name = "medsr.export.presets" + ("" if module == "__init__" else f".{module}")
+    result = run_python(f"import {name}; from medsr.export.presets import get_preset; get_preset('latentsr-medvae-4x3')")
+    assert result.returncode == 0, result.stderr
 
 
 @pytest.mark.parametrize(

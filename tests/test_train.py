@@ -18,12 +18,14 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from medsr.bundle.conditioning import UPSAMPLED, Conditioning
+from medsr.cli.export import export
 from medsr.cli.train import cli
 from medsr.data.pairs import Slice
 from medsr.engine.schedulers import SchedulerConfig
-from medsr.errors import CheckpointError, InputError
+from medsr.errors import CheckpointError, InputError, OutputError
 from medsr.export.builder import build_models
 from medsr.export.models import build_vae
+from medsr.export.objective import SCHEDULER_KEY, objective_fields
 from medsr.export.presets import get_preset
 from medsr.export.train import denoiser as denoiser_module
 from medsr.export.train.denoiser import DenoiserConfig, sample_timesteps, train_denoiser
@@ -83,6 +85,7 @@ def test_denoiser_training_lowers_the_loss_and_exports(tmp_path, slices, vae_fil
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
     _, _, provenance = build_models(TINY, str(out))  # the file medsr-export --weights takes
     assert provenance["weights"]["source"] == "file"
+    assert provenance["objective"] == {"source": "weights", "scheduler": objective_fields(objective.scheduler(TINY))}
 
 
 def test_denoiser_trains_on_whole_slice_zero_fills_under_the_upsampled_conditioning(tmp_path, slices, vae_file):
@@ -219,3 +222,114 @@ def test_cli_tiny_runs(tmp_path):
     assert result.exit_code == 1 and "--resume" in result.output
     result = runner.invoke(cli, ["vae", *common[:2], "--source", "nope", "-o", str(tmp_path / "x")])
     assert result.exit_code == 1 and "not a source name" in result.output
+
+
+@pytest.fixture(scope="module")
+def epsilon_weights(tmp_path_factory, slices, vae_file) -> Path:
+    """A tiny denoiser trained two steps for epsilon on a linear table (the tiny preset samples x0, cosine)."""
+    run_dir = tmp_path_factory.mktemp("epsilon")
+    loop = LoopConfig(steps=2, batch_size=2, ema_decay=0.0, log_every=1, checkpoint_every=2)
+    objective = DenoiserConfig(pairs=4, crop=32, prediction_type="epsilon", beta_schedule="linear")
+    return train_denoiser(run_dir, TINY, vae_file, slices, loop, objective, torch.device("cpu"), progress=False)
+
+
+def test_weights_record_the_scheduler_they_were_trained_with(epsilon_weights):
+    from safetensors import safe_open
+
+    with safe_open(str(epsilon_weights), framework="numpy") as file:
+        recorded = json.loads(file.metadata()[SCHEDULER_KEY])
+    expected = {**TINY.scheduler, "prediction_type": "epsilon", "beta_schedule": "linear"}
+    assert recorded == SchedulerConfig(**expected).to_dict()
+
+
+def test_export_refuses_weights_trained_for_another_objective(epsilon_weights, tmp_path):
+    with pytest.raises(CheckpointError) as refused:
+        build_models(TINY, str(epsilon_weights))
+    message = str(refused.value)
+    assert "\n" not in message and str(epsilon_weights) in message and "preset tiny" in message
+    assert "trained for beta_schedule='linear', prediction_type='epsilon'" in message
+    assert "samples beta_schedule='squaredcos_cap_v2', prediction_type='sample'" in message
+    out = tmp_path / "bundle"
+    result = CliRunner().invoke(export, ["--preset", "tiny", "--weights", str(epsilon_weights), "-o", str(out)])
+    assert result.exit_code == 1 and "--objective-from-weights" in result.output and not out.exists()
+
+
+def test_export_with_the_trained_objective(epsilon_weights, tmp_path):
+    out = tmp_path / "bundle"
+    args = ["--preset", "tiny", "--weights", str(epsilon_weights), "--objective-from-weights", "-o", str(out)]
+    result = CliRunner().invoke(export, args)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "medsr.json").read_text())
+    assert manifest["scheduler"]["prediction_type"] == manifest["denoiser"]["prediction_type"] == "epsilon"
+    assert manifest["scheduler"]["beta_schedule"] == "linear"
+    assert manifest["scheduler"]["default_steps"] == TINY.scheduler["default_steps"]  # the sampler as trained
+    objective = manifest["provenance"]["objective"]
+    assert objective["source"] == "weights" and objective["scheduler"]["prediction_type"] == "epsilon"
+
+
+def test_weights_without_a_recorded_objective_keep_the_preset_scheduler_with_a_note(tmp_path):
+    vae, unet, _ = build_models(TINY, seed=1)
+    old = tmp_path / "old.safetensors"
+    save_prefixed(old, {"vae.": vae.state_dict(), "unet.": unet.state_dict()})  # no header entry, as before
+    with pytest.warns(UserWarning, match="record no training objective"):
+        _, _, provenance = build_models(TINY, str(old))
+    assert provenance["objective"]["source"] == "preset"
+    assert provenance["objective"]["scheduler"]["prediction_type"] == "sample"
+    assert "preset tiny" in provenance["objective"]["note"]
+    result = CliRunner().invoke(
+        export, ["--preset", "tiny", "--weights", str(old), "--objective-from-weights", "-o", str(tmp_path / "b")]
+    )
+    assert result.exit_code == 1 and "records no training objective" in result.output
+
+
+def _failing_save_file(tensors, filename, metadata=None):
+    """safetensors.torch.save_file that dies half-way: some bytes are on disk when the error comes."""
+    Path(filename).write_bytes(b"partial")
+    raise OSError(28, "No space left on device")
+
+
+def test_a_failed_weights_write_leaves_no_temporary_and_the_old_file_intact(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    path = tmp_path / "weights.safetensors"
+    save_prefixed(path, {"unet.": {"w": torch.ones(2)}})
+    before = path.read_bytes()
+    monkeypatch.setattr(safetensors.torch, "save_file", _failing_save_file)
+    with pytest.raises(OutputError, match="No space left"):
+        save_prefixed(path, {"unet.": {"w": torch.zeros(2)}})
+    assert [p.name for p in tmp_path.iterdir()] == ["weights.safetensors"] and path.read_bytes() == before
+    with pytest.raises(OutputError):
+        save_prefixed(tmp_path / "new.safetensors", {"unet.": {"w": torch.zeros(2)}})
+    assert [p.name for p in tmp_path.iterdir()] == ["weights.safetensors"]
+
+
+def test_a_failed_latent_cache_write_leaves_nothing_behind(tmp_path, slices, vae_file, monkeypatch):
+    import safetensors.torch
+
+    vae = build_vae(TINY.vae).eval()
+    monkeypatch.setattr(safetensors.torch, "save_file", _failing_save_file)
+    objective = DenoiserConfig(pairs=2, crop=32)
+    with pytest.raises(OutputError, match="No space left"):
+        denoiser_module.build_latent_cache(tmp_path, vae, TINY, slices, objective, seed=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    from medsr.export.train.checkpoint import save_checkpoint
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    save_checkpoint(tmp_path, model, None, optimizer, {"step": 1})
+    before = {p.name: p.read_bytes() for p in (tmp_path / "checkpoint").iterdir()}
+
+    def failing_save(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with torch.no_grad():
+        model.weight.zero_()
+    with pytest.raises(OutputError, match="No space left"):
+        save_checkpoint(tmp_path, model, None, optimizer, {"step": 2})
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint"]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "checkpoint").iterdir()} == before

@@ -9,6 +9,7 @@ import torch
 from medsr.bundle import sha256_file
 from medsr.errors import CheckpointError, InputError
 from medsr.export.models import build_unet, build_vae
+from medsr.export.objective import check_objective, preset_objective
 from medsr.export.presets import Preset
 
 #: UNet fields a published checkpoint must share with the preset (the rest cannot be read from weights).
@@ -23,11 +24,12 @@ def build_models(
     unet_weights: str | None = None,
     seed: int = 0,
 ):
-    """(vae, unet, provenance) for ``preset``.
+    """(vae, unet, provenance) for ``preset``; provenance holds ``weights`` (where each came from) and
+    ``objective`` (medsr.export.objective: the training objective the bundle samples under, and its source).
 
     Args:
         weights: one safetensors file with ``vae.<AutoencoderKL key>`` and ``unet.<UNet2DModel key>`` (what
-            medsr-train writes).
+            medsr-train writes); refused when its recorded training objective differs from the preset's.
         vae_weights: the preset's published VAE checkpoint (``preset.vae_checkpoint``: a MedVAE .ckpt, or an
             SD-VAE folder or file), converted by medsr.export.checkpoints.
         unet_weights: a latent-sr denoiser checkpoint (PyTorch Lightning .ckpt or state dict).
@@ -38,7 +40,12 @@ def build_models(
     torch.manual_seed(seed)
     vae, unet = build_vae(preset.vae).eval(), build_unet(preset.unet).eval()
     if weights:
-        return vae, unet, {"weights": {"source": "file", **_load_medsr_weights(Path(weights), vae, unet)}}
+        path = Path(weights)
+        objective = check_objective(preset, path)  # before loading: a refusal costs no weight reading
+        record = {"source": "file", **_load_medsr_weights(path, vae, unet)}
+        return vae, unet, {"weights": record, "objective": objective}
+    # Published checkpoints and random weights carry no objective: the preset's scheduler is theirs by definition.
+    objective = preset_objective(preset)
     random = {"source": "random-init", "seed": seed}
     vae_record = unet_record = random
     if vae_weights:
@@ -46,14 +53,12 @@ def build_models(
     if unet_weights:
         unet, unet_record = _load_published_unet(preset, Path(unet_weights))
     if not (vae_weights or unet_weights):
-        return vae, unet, {"weights": random}
+        return vae, unet, {"weights": random, "objective": objective}
     source = "checkpoints" if vae_weights and unet_weights else "checkpoints+random-init"
-    return vae, unet, {"weights": {"source": source, "vae": vae_record, "unet": unet_record}}
+    return vae, unet, {"weights": {"source": source, "vae": vae_record, "unet": unet_record}, "objective": objective}
 
 
 def _load_medsr_weights(path: Path, vae, unet) -> dict:
-    if not path.is_file():
-        raise InputError(f"{path}: weights file not found")
     state = _load_safetensors(path)
     for prefix, module in (("vae.", vae), ("unet.", unet)):
         part = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}

@@ -14,7 +14,8 @@ from torch import nn
 
 from medsr.bundle.conditioning import PAPER, Conditioning
 
-# Posterior log-variance clamp of the CompVis/diffusers DiagonalGaussianDistribution (REFERENCE.md section 2).
+# Posterior log-variance clamp of the CompVis/diffusers DiagonalGaussianDistribution (docs/sources.md,
+# "MedVAE and SD-VAE checkpoints").
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
 

@@ -80,7 +80,7 @@ def lora_rank(state_dict: Mapping[str, torch.Tensor]) -> int:
 _FIELDS = {"e": "encoder|decoder", "i": r"\d+", "j": r"\d+", "u": r"\d+", "r": "norm1|conv1|norm2|conv2",
            "p": "weight|bias"}
 _ATTENTION = "{e}.mid_block.attentions.0"
-# (CompVis name, diffusers AutoencoderKL name), REFERENCE.md section 2.
+# (CompVis name, diffusers AutoencoderKL name); docs/sources.md, "MedVAE and SD-VAE checkpoints".
 _RENAMES = (
     ("{e}.conv_in.{p}", "{e}.conv_in.{p}"),
     ("{e}.conv_out.{p}", "{e}.conv_out.{p}"),

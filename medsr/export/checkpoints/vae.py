@@ -1,6 +1,7 @@
 """VAE checkpoints: MedVAE 2D ``.ckpt`` files (LoRA merged) and the Stable Diffusion VAE, as diffusers AutoencoderKL.
 
-Both published VAEs are the CompVis LDM autoencoder (REFERENCE.md section 2). Loading goes:
+Both published VAEs are the CompVis LDM autoencoder (docs/sources.md, "MedVAE and SD-VAE checkpoints").
+Loading goes:
 
     file --read_checkpoint--> state dict --merge_lora--> plain convs --convert_compvis_vae_state_dict-->
     AutoencoderKL names --detect_vae_config--> constructor kwargs --check names and shapes--> AutoencoderKL
@@ -52,7 +53,8 @@ SD_VAE_SCALING_FACTOR = 0.18215
 
 def _medvae(file: str, image_channels: int, latent_channels: int, channel_mult: tuple[int, ...],
             lora_rank: int) -> dict[str, Any]:
-    """One MEDVAE_MODELS entry: ddconfig ch 128, 2 res blocks per level, mid-block attention (REFERENCE.md 2)."""
+    """One MEDVAE_MODELS entry: ddconfig ch 128, 2 res blocks per level, mid-block attention (docs/sources.md,
+    "MedVAE and SD-VAE checkpoints")."""
     levels = len(channel_mult)
     return {
         "file": file,

@@ -20,9 +20,11 @@ from medsr.data.pairs import Slice, random_crop_pairs
 from medsr.engine.schedulers import SchedulerConfig, add_noise, training_target
 from medsr.errors import InputError, ShapeError
 from medsr.export.models import ConditionedDenoiser, VaeEncoderGraph, build_unet, build_vae
+from medsr.export.objective import scheduler_metadata
 from medsr.export.presets import Preset
 from medsr.export.train.loop import LoopConfig, train
 from medsr.export.train.weights import load_prefixed, save_prefixed
+from medsr.io.atomic import atomic_path
 
 LATENT_CACHE = "latents.safetensors"
 WEIGHTS = "weights.safetensors"
@@ -41,8 +43,9 @@ class DenoiserConfig:
             LR latent alone), where a 1-step trailing sampler evaluates the model; the rest is uniform in time.
         contrast_copies: remapped copies of every training slice added before the crops are drawn, each through its
             own random intensity curve (medsr.data.augment): other contrasts than the training subject's.
-        prediction_type, beta_schedule: override the preset's scheduler entries (None: keep the preset's);
-            the bundle exported from the run must then use the same overrides.
+        prediction_type, beta_schedule: override the preset's scheduler entries (None: keep the preset's). The
+            weights record the scheduler trained with; medsr-export refuses them under a preset that disagrees,
+            or exports them with it (``--objective-from-weights``).
     """
 
     pairs: int = 2048
@@ -106,9 +109,8 @@ def build_latent_cache(run_dir: Path, vae, preset: Preset, slices: list[Slice], 
     condition = pairs.lr if conditioning.upsampler is None else pairs.upsampled
     cache = {"hr": encode_latents(vae, pairs.hr, preset), "lr": encode_latents(vae, condition, preset)}
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(cache, str(tmp))
-    tmp.replace(path)
+    with atomic_path(path, overwrite=True) as tmp:
+        save_file(cache, str(tmp))
     return cache["hr"], cache["lr"]
 
 
@@ -163,7 +165,8 @@ def train_denoiser(
     data_note: str = "",
 ) -> Path:
     """Train the denoiser on cached latents of the frozen VAE in ``vae_weights``; write ``run_dir/weights.safetensors``
-    with ``vae.*`` (unchanged) and ``unet.*`` (EMA) keys: the file ``medsr-export --weights`` takes."""
+    with ``vae.*`` (unchanged) and ``unet.*`` (EMA) keys, the training scheduler in its header
+    (medsr.export.objective): the file ``medsr-export --weights`` takes."""
     scheduler = objective.scheduler(preset)
     vae_state = load_prefixed(vae_weights, "vae.")
     vae = build_vae(preset.vae)
@@ -196,5 +199,5 @@ def train_denoiser(
     weights = train(run_dir, model, loss_fn, loop, extra, resume=resume, progress=progress)
     unet_state = {key[len("unet.") :]: value for key, value in weights.items()}
     out = run_dir / WEIGHTS
-    save_prefixed(out, {"vae.": vae_state, "unet.": unet_state})
+    save_prefixed(out, {"vae.": vae_state, "unet.": unet_state}, metadata=scheduler_metadata(scheduler))
     return out

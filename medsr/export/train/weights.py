@@ -8,10 +8,17 @@ from pathlib import Path
 import torch
 
 from medsr.errors import CheckpointError
+from medsr.io.atomic import atomic_path
 
 
-def save_prefixed(path: Path, parts: dict[str, dict[str, torch.Tensor]]) -> None:
-    """Write ``{prefix: state dict}`` as one safetensors file with prefixed keys, atomically."""
+def save_prefixed(
+    path: Path, parts: dict[str, dict[str, torch.Tensor]], metadata: dict[str, str] | None = None
+) -> None:
+    """Write ``{prefix: state dict}`` as one safetensors file with prefixed keys, through medsr.io.atomic: the file
+    is complete under its name or not there (a previous one stays intact), and no temporary is left behind.
+
+    ``metadata``: string entries of the safetensors header (medsr.export.objective records the training objective).
+    """
     from safetensors.torch import save_file
 
     merged = {
@@ -19,9 +26,8 @@ def save_prefixed(path: Path, parts: dict[str, dict[str, torch.Tensor]]) -> None
         for prefix, state in parts.items()
         for key, value in state.items()
     }
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(merged, str(tmp))
-    tmp.replace(path)
+    with atomic_path(path, overwrite=True) as tmp:
+        save_file(merged, str(tmp), metadata=metadata)
 
 
 def load_prefixed(path: Path, prefix: str) -> dict[str, torch.Tensor]:

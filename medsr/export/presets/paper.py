@@ -4,14 +4,14 @@ Both systems: x4, HR 256 x 256, grayscale replicated to the VAE's channels, [-1,
 the full range: min-max window), raw latents (no 0.18215 factor), the LR latent drawn with ``posterior.sample()``,
 a UNet2DModel of base 128 with channel_mult (1, 2, 4, 4) (about 101M parameters) and self-attention only at latent
 resolution 16 plus the mid block, x0 prediction with the paper's reversed cosine table and its own sampler from
-0.5 N(0, I) over the code's default T = 1000 consecutive steps (REFERENCE.md section 1). LR was made with PIL
+0.5 N(0, I) over the code's default T = 1000 consecutive steps (docs/sources.md, "The method"). LR was made with PIL
 LANCZOS; no data consistency. The MedVAE 8x4, 4x1 and 8x1 variants are the paper's capacity controls.
 """
 
 from __future__ import annotations
 
 from medsr.export.checkpoints import MEDVAE_MODELS, SD_VAE_CONFIG
-from medsr.export.presets import Preset
+from medsr.export.presets.base import Preset
 
 HR_SIZE = 256
 UNET_BASE, UNET_CHANNEL_MULT, UNET_ATTENTION_RESOLUTIONS = 128, (1, 2, 4, 4), (16,)
@@ -71,7 +71,8 @@ def paper_presets() -> tuple[Preset, ...]:
             "arXiv 2604.12152 with stabilityai/sd-vae-ft-ema (f=8, 4 latents): x4, 256, x0, its own sampler.",
         )
     ]
-    for model, tag in (("medvae_4_3_2d", "4x3"), ("medvae_8_4_2d", "8x4"), ("medvae_4_1_2d", "4x1"), ("medvae_8_1_2d", "8x1")):
+    medvae_tags = (("medvae_4_3_2d", "4x3"), ("medvae_8_4_2d", "8x4"), ("medvae_4_1_2d", "4x1"), ("medvae_8_1_2d", "8x1"))
+    for model, tag in medvae_tags:
         spec = MEDVAE_MODELS[model]
         description = (
             f"arXiv 2604.12152 with MedVAE {model} (f={spec['latent_factor']}, "

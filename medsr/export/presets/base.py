@@ -1,0 +1,68 @@
+"""The Preset type: the architecture, latent convention, schedule and task of a model family.
+
+A preset is everything needed to build the PyTorch networks and to write a bundle manifest except the weights.
+This module imports no other preset module, so medsr's own presets (``own``) and the paper's (``paper``) can both
+build on it and the registry (``medsr.export.presets``) imports them one way only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from medsr.bundle.conditioning import PAPER, Conditioning
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One model family.
+
+    Attributes:
+        name: preset name, as ``medsr-export --preset NAME`` takes it.
+        description: one line for ``--help`` and the manifest.
+        scale: in-plane super-resolution factor s (LR pixel i <-> HR pixel centre s*i + (s-1)/2).
+        image_channels: channels the VAE takes; grayscale images are replicated to this many and averaged back.
+        vae: diffusers AutoencoderKL keyword arguments.
+        unet: diffusers UNet2DModel keyword arguments (in_channels = 2 * latent channels: noisy HR latent + LR latent).
+        scheduler: medsr.engine.schedulers.SchedulerConfig fields (prediction type, schedule, sampler, steps).
+        latent_scaling_factor, latent_shift_factor: z = (posterior latent - shift) * scale, as diffusers does.
+        lr_latent: "mean" (deterministic) or "sample" (the paper's ``posterior.sample()``, seeded).
+        intensity: normalization of input intensities to [-1, 1] (robust percentiles of the volume).
+        degradation: the operator that made LR from HR in training (medsr.degrade), or None when unknown.
+        consistency: the engine's default data-consistency mode ("none", "kspace", "backproject").
+        conditioning: how the denoiser sees the LR slice (medsr.bundle.conditioning; default the paper's).
+        vae_checkpoint: which published VAE ``--vae-weights`` holds: a medsr.export.checkpoints.MEDVAE_MODELS name,
+            "sd-vae", or None (medsr's own safetensors via ``--weights``).
+    """
+
+    name: str
+    description: str
+    scale: int
+    image_channels: int
+    vae: dict
+    unet: dict
+    scheduler: dict
+    latent_scaling_factor: float = 1.0
+    latent_shift_factor: float = 0.0
+    lr_latent: str = "mean"
+    intensity: dict = field(default_factory=lambda: {"method": "percentile", "low": 0.5, "high": 99.5})
+    degradation: dict | None = None
+    consistency: str = "none"
+    conditioning: Conditioning = PAPER
+    vae_checkpoint: str | None = None
+
+    @property
+    def vae_factor(self) -> int:
+        """Spatial downsampling factor f of the VAE (2 per level after the first)."""
+        return 2 ** (len(self.vae["block_out_channels"]) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.vae["latent_channels"]
+
+    @property
+    def lr_multiple(self) -> int:
+        """LR sizes must be multiples of this: the LR latent is LR/f and the HR latent s*LR/f must pass the UNet's
+        2**(levels-1) downsampling, so m = f * d / gcd(s, d) with d = 2**(UNet levels - 1)."""
+        d = 2 ** (len(self.unet["block_out_channels"]) - 1)
+        return self.vae_factor * d // math.gcd(self.scale, d)
