@@ -4,13 +4,13 @@
 #   docker build -t medsr .
 #   docker run --gpus all -v "$PWD:/data" medsr scan.nii.gz -o scan_sr.nii.gz --engine trt --device cuda
 #
-# TensorRT plans are built on first use for the GPU the container runs on and cached in MEDSR_ENGINE_CACHE (mount a
-# volume there to keep them across containers); a plan built for another GPU or TensorRT version is rebuilt.
+# TensorRT plans are built on first use for the GPU the container runs on and cached in MEDSR_CACHE (mount a volume
+# there to keep them across containers); a plan built for another GPU or TensorRT version is rebuilt.
 FROM nvcr.io/nvidia/tensorrt:25.01-py3
 
 ENV PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    MEDSR_ENGINE_CACHE=/home/medsr/.cache/medsr/engines
+    MEDSR_CACHE=/home/medsr/.cache/medsr
 
 WORKDIR /opt/medsr
 COPY pyproject.toml README.md ./

@@ -19,7 +19,7 @@ if [ "${2:-}" = quick ]; then SCOPE=(--preset latentsr-medvae-4x3 --repeats 2); 
 PY=${PYTHON:-python3}
 mkdir -p "$OUT_DIR"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-export MEDSR_ENGINE_CACHE=${MEDSR_ENGINE_CACHE:-/tmp/medsr-engines}
+export MEDSR_CACHE=${MEDSR_CACHE:-/tmp/medsr-cache}
 SKIPPED="$OUT_DIR/gpu-skipped.txt"
 : >"$SKIPPED"
 

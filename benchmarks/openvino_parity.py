@@ -17,8 +17,8 @@ from medsr.bench.run import ensure_bundle
 from medsr.bench.stages import write_test_volume
 from medsr.engine.openvino import open_openvino_sessions
 from medsr.engine.pipeline import LatentSRPipeline, SamplingOptions
-from medsr.engine.sessions import open_sessions
 from medsr.eval.parity import DEFAULT_THRESHOLDS_DB, compare_pipelines
+from medsr.export.reference import open_torch_sessions
 from medsr.io.nifti import load_nifti
 from medsr.io.normalize import fit_window, normalize
 
@@ -35,7 +35,7 @@ def main() -> None:
     results = {}
     for preset in args.presets:
         bundle = ensure_bundle(preset, args.work_dir)
-        reference = LatentSRPipeline(bundle, open_sessions(bundle, "torch"))
+        reference = LatentSRPipeline(bundle, open_torch_sessions(bundle))
         for precision in ("fp32", "bf16", "auto"):
             sessions = open_openvino_sessions(bundle, precision)
             threshold = DEFAULT_THRESHOLDS_DB["fp32" if precision == "fp32" else "bf16"]

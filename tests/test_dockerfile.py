@@ -64,4 +64,4 @@ def test_runs_as_a_non_root_user_with_a_writable_engine_cache():
     last_run = max(i for i, (kind, _) in enumerate(steps) if kind == "RUN")
     assert max(i for i, (kind, _) in enumerate(steps) if kind == "USER") > last_run
     env = " ".join(args for kind, args in steps if kind == "ENV")
-    assert f"MEDSR_ENGINE_CACHE=/home/{users[-1]}/" in env
+    assert f"MEDSR_CACHE=/home/{users[-1]}/" in env and "MEDSR_ENGINE_CACHE" not in env

@@ -9,12 +9,14 @@ from fresh_python import run_python
 ov = pytest.importorskip("openvino")
 
 from medsr.bundle import load_bundle
+from medsr.bundle.cache import manifest_digest
+from medsr.engine.compare import compare_arrays
 from medsr.engine.openvino import OpenVinoSession, open_openvino_sessions
 from medsr.engine.pipeline import LatentSRPipeline, SamplingOptions
 from medsr.engine.profiles import graph_input_shapes
 from medsr.engine.sessions import open_ort_sessions
 from medsr.errors import BackendError
-from medsr.eval.parity import compare_arrays, compare_pipelines
+from medsr.eval.parity import compare_pipelines
 
 
 class NoBf16Core:
@@ -47,24 +49,27 @@ def _feeds(bundle, batch=2):
 
 
 def test_fp32_matches_onnxruntime_on_every_graph(bundle, tmp_path, monkeypatch):
-    monkeypatch.setenv("MEDSR_ENGINE_CACHE", str(tmp_path))
+    monkeypatch.setenv("MEDSR_CACHE", str(tmp_path))
     sessions, reference = open_openvino_sessions(bundle, "fp32", threads=2), open_ort_sessions(bundle)
     for graph, feeds in _feeds(bundle).items():
         expected = reference[graph].run(feeds)
         for name, array in sessions[graph].run(feeds).items():
             assert compare_arrays(array, expected[name])["psnr_db"] > 80, (graph, name)
     assert sessions["denoiser"].providers[0].endswith("CPU-fp32")
-    assert any((tmp_path / bundle.name / "openvino").rglob("*.blob")), "compiled models were not cached"
+    blobs = list((tmp_path / "engines" / manifest_digest(bundle)).glob("openvino-*/cpu-*/fp32/*.blob"))
+    assert blobs, "compiled models were not cached"
+    assert not (bundle.root / "engines").exists()
 
 
 def test_an_unwritable_cache_runs_uncached_and_says_so(bundle, tmp_path, monkeypatch):
-    """A bundle installed read-only (or a cache path that cannot be a folder, which fails even for root) must not stop
-    inference: the sessions run without a model cache, with a warning naming the folder and the way out."""
+    """A cache that cannot be written (here a path that cannot be a folder, which fails even for root) must not stop
+    inference: the sessions run without a model cache, with one warning naming the folder and the way out."""
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    monkeypatch.setenv("MEDSR_ENGINE_CACHE", str(blocker))
-    with pytest.warns(UserWarning, match=r"model cache disabled, .*a-file.* is not writable .*MEDSR_ENGINE_CACHE"):
+    monkeypatch.setenv("MEDSR_CACHE", str(blocker))
+    with pytest.warns(UserWarning, match=r"model cache disabled, .*a-file.* is not writable .*MEDSR_CACHE") as caught:
         sessions = open_openvino_sessions(bundle, "fp32", threads=1)
+    assert len(caught) == 1
     feeds = _feeds(bundle, batch=1)["vae_decoder"]
     expected = open_ort_sessions(bundle)["vae_decoder"].run(feeds)["image"]
     assert compare_arrays(sessions["vae_decoder"].run(feeds)["image"], expected)["psnr_db"] > 80
@@ -86,7 +91,7 @@ def _stage_parity(bundle, sessions):
 def test_bf16_everywhere_drifts_and_auto_keeps_the_pipeline_above_40_db(bundle, tmp_path, monkeypatch):
     """Per stage against fp32 ONNX Runtime. Random weights are harsh: bf16 in every graph of the tiny model loses
     the 40 dB gate at the decoded image (about 36 dB), so ``auto`` keeps only the graphs that hold it."""
-    monkeypatch.setenv("MEDSR_ENGINE_CACHE", str(tmp_path))
+    monkeypatch.setenv("MEDSR_CACHE", str(tmp_path))
     everywhere = _stage_parity(bundle, open_openvino_sessions(bundle, "bf16"))
     assert everywhere.stages[0].psnr_db > 45 and everywhere.final.psnr_db > 30
     auto = open_openvino_sessions(bundle, "auto")
@@ -106,9 +111,10 @@ def test_without_bf16_units_auto_is_fp32_and_bf16_is_refused(bundle):
         open_openvino_sessions(bundle, "int8")
 
 
-def test_auto_on_a_cpu_without_bf16_is_fp32(bundle, monkeypatch):
+def test_auto_on_a_cpu_without_bf16_is_fp32(bundle, tmp_path, monkeypatch):
     import medsr.engine.openvino as module
 
+    monkeypatch.setenv("MEDSR_CACHE", str(tmp_path))
     monkeypatch.setattr(module, "has_bf16_units", lambda core: False)
     sessions = open_openvino_sessions(bundle, "auto")
     assert {session.precision for session in sessions.values()} == {"fp32"}

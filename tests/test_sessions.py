@@ -1,4 +1,4 @@
-"""ONNX Runtime tuning, engine dispatch and its errors, and the slimmed export graphs."""
+"""ONNX Runtime session settings, the engine registry and its errors, and the slimmed export graphs."""
 
 from __future__ import annotations
 
@@ -7,29 +7,25 @@ import onnxruntime as ort
 import pytest
 from fresh_python import run_python
 
+import medsr.engine.sessions as sessions_module
 from medsr.bundle import load_bundle
-from medsr.engine.sessions import OrtSession, OrtTuning, available_cores, open_sessions
+from medsr.engine.sessions import ENGINES, OrtSession, available_cores, open_sessions, ort_session_options
 from medsr.errors import BackendError
 
 
-def test_tuning_sets_threads_spinning_arena_and_level():
-    options = OrtTuning(threads=3, spinning=False, optimization="extended", memory_arena=False).session_options(ort)
+def test_session_options_threads_no_spinning_full_optimization_and_arena():
+    options = ort_session_options(ort, threads=3)
     assert options.intra_op_num_threads == 3 and options.inter_op_num_threads == 1
-    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    assert not options.enable_cpu_mem_arena and not options.enable_mem_pattern
+    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert options.enable_cpu_mem_arena and options.enable_mem_pattern
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
-    assert (
-        OrtTuning(spinning=True).session_options(ort).get_session_config_entry("session.intra_op.allow_spinning") == "1"
-    )
-    assert OrtTuning().session_options(ort).intra_op_num_threads == available_cores()
-    with pytest.raises(BackendError, match="optimization must be one of basic, extended, all"):
-        OrtTuning(optimization="max").session_options(ort)
+    assert ort_session_options(ort).intra_op_num_threads == available_cores()
 
 
-def test_threads_argument_overrides_tuning(tiny_bundle):
+def test_a_session_runs_with_the_threads_asked_for(tiny_bundle):
     path = load_bundle(tiny_bundle).graph_path("vae_decoder")
-    session = OrtSession(path, threads=1, tuning=OrtTuning(threads=2, spinning=True))
-    assert session.tuning == OrtTuning(threads=1, spinning=True)
+    session = OrtSession(path, threads=1)
+    assert session.threads == 1
     out = session.run({"latent": np.zeros((1, 4, 8, 8), np.float32)})["image"]
     assert out.shape == (1, 1, 32, 32)
     session.close()
@@ -48,6 +44,7 @@ def test_cuda_without_the_gpu_package_is_an_error(tiny_bundle):
         ("onnx", "cpu", "fp32", "unknown engine 'onnx'; choose one of ort, torch, trt, openvino"),
         ("ort", "cpu", "bf16", "--engine ort runs fp32 only"),  # ORT has no x86 bf16 path: use openvino
         ("torch", "cpu", "fp16", "--engine torch runs fp32 only"),
+        ("openvino", "cpu", "fp16", "--engine openvino runs fp32, bf16, auto, got --precision fp16"),
         ("openvino", "cuda", "fp32", "runs on the CPU in medsr"),
         ("trt", "cpu", "fp16", "pass --device cuda"),
     ],
@@ -55,6 +52,34 @@ def test_cuda_without_the_gpu_package_is_an_error(tiny_bundle):
 def test_open_sessions_refuses_what_cannot_run(tiny_bundle, engine, device, precision, message):
     with pytest.raises(BackendError, match=message):
         open_sessions(load_bundle(tiny_bundle), engine, device=device, precision=precision)
+
+
+def test_torch_is_a_registered_backend_and_its_absence_is_one_line(tiny_bundle, monkeypatch):
+    """The engine never imports medsr.export: ``torch`` is an opener that medsr.export.reference registers when it is
+    imported; without it, open_sessions says to install the torch extra."""
+    without_torch = {name: opener for name, opener in sessions_module._BACKENDS.items() if name != "torch"}
+    monkeypatch.setattr(sessions_module, "_BACKENDS", without_torch)  # restored, with a real torch if any, after
+    with pytest.raises(BackendError, match=r"^--engine torch needs the torch extra \(pip install 'medsr\[torch\]'\)"):
+        open_sessions(load_bundle(tiny_bundle), "torch")
+    seen = []
+    sessions_module.register_backend("torch", lambda bundle, **options: seen.append(options) or {"graph": "s"})
+    assert open_sessions(load_bundle(tiny_bundle), "torch", threads=2) == {"graph": "s"}
+    assert seen == [{"device": "cpu", "threads": 2, "precision": "fp32"}]
+    with pytest.raises(BackendError, match="unknown engine 'tvm'"):
+        sessions_module.register_backend("tvm", lambda bundle, **options: {})
+    assert set(without_torch) == {"ort", "trt", "openvino", "torch"} == set(ENGINES)
+
+
+def test_importing_the_reference_registers_torch():
+    pytest.importorskip("torch")
+    code = (
+        "import medsr.engine.sessions as s\n"
+        "assert 'torch' not in s._BACKENDS, 'the engine registered torch by itself'\n"
+        "import medsr.export.reference as r\n"
+        "assert s._BACKENDS['torch'] is r._open_backend\n"
+    )
+    run = run_python(code)
+    assert run.returncode == 0, run.stderr
 
 
 def test_exported_graphs_are_slimmed_and_keep_dynamic_axes(tiny_bundle):

@@ -1,8 +1,10 @@
-"""TensorRT without a GPU: plan cache keys and stale plans, profile choice, precision policy, CUDA-graph replay and
-the errors when TensorRT or a GPU is missing (fakes of tests/trt_fakes.py stand in for tensorrt and CUDA)."""
+"""TensorRT without a GPU: plan cache keys and stale plans, the engine cache, profile choice, builder recipes and
+``auto``, CUDA-graph replay and the errors when TensorRT or a GPU is missing (fakes of tests/trt_fakes.py stand in
+for tensorrt and CUDA)."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -11,13 +13,23 @@ import pytest
 from fresh_python import run_python
 from trt_fakes import FakeCuda, fake_bundle, fake_tensorrt
 
+import medsr.engine.precision as precision_module
 from medsr.engine.cuda import CudaRuntime, GpuInfo
-from medsr.engine.profiles import ShapeProfile, choose_profile, graph_input_shapes, range_profiles, static_profiles
+from medsr.engine.precision import PRECISIONS
+from medsr.engine.profiles import ShapeProfile, choose_profile, graph_input_shapes, static_profiles
 from medsr.engine.trt import PlanCache, PlanKey, TrtSession, open_trt_sessions
-from medsr.engine.trt_build import build_plan, choose_precision, pin_fp32_layers, precision_plan
+from medsr.engine.trt_build import RECIPES, build_plan, pin_fp32_layers, precision_plan, recipe_id
 from medsr.errors import BackendError, ShapeError
 
-KEY = PlanKey("denoiser", "ab" * 32, "fp16", "1x3x64x64_1x3x16x16_1", "10.8.0", "NVIDIA H100 80GB HBM3", "9.0")
+KEY = PlanKey(
+    "denoiser", "ab" * 32, "fp16", recipe_id("fp16"), "1x3x64x64_1x3x16x16_1", "10.8.0", "NVIDIA H100 80GB HBM3", "9.0"
+)
+
+
+def range_profile(bundle, batches, sizes, graph="denoiser") -> ShapeProfile:
+    """A dynamic profile of ``graph`` from (min, opt, max) batches and (min, opt, max) LR (height, width) sizes."""
+    corners = [graph_input_shapes(bundle, b, h, w)[graph] for b, (h, w) in zip(batches, sizes)]
+    return ShapeProfile(graph, tuple((name, tuple(corner[name] for corner in corners)) for name in corners[0]))
 
 
 def make_session(tmp_path, cuda=None, trt=None, build=True, profiles=(), builds=None):
@@ -72,6 +84,7 @@ def test_plan_cache_hit_miss_and_round_trip(tmp_path):
         ("gpu_name", "NVIDIA A100-SXM4-80GB", "GPU: plan NVIDIA A100-SXM4-80GB"),  # plan copied from another card
         ("compute_capability", "8.0", "compute capability: plan 8.0, here 9.0"),
         ("graph_sha256", "cd" * 32, "graph sha256"),  # bundle re-exported, old plan left behind
+        ("recipe", "0" * 12, "build recipe: plan 000000000000"),  # medsr changed how it builds this precision
     ],
 )
 def test_stale_plan_names_the_mismatch(tmp_path, field, value, named):
@@ -97,7 +110,7 @@ def test_stale_plan_is_rebuilt_with_a_warning_never_reused(tmp_path):
     session.cache.store(stale, b"plan:old")
     with pytest.warns(UserWarning, match="stale TensorRT plan rebuilt.*TensorRT version: plan 10.0.1"):
         assert session.plan(profile) == b"plan:denoiser"
-    assert len(builds) == 1 and session.notes
+    assert len(builds) == 1
     assert session.cache.lookup(session.key(profile)) == (b"plan:denoiser", None)
 
 
@@ -127,8 +140,8 @@ def test_graph_input_shapes_follow_the_bundle(tmp_path):
 def test_choose_profile_prefers_exact_static_then_narrowest_range(tmp_path):
     bundle = fake_bundle(tmp_path)
     static = static_profiles(bundle, 1, 64, 64)["denoiser"]
-    wide = range_profiles(bundle, (1, 4, 8), ((32, 32), (64, 64), (128, 128)))["denoiser"]
-    narrow = range_profiles(bundle, (1, 2, 4), ((64, 64), (64, 64), (64, 64)))["denoiser"]
+    wide = range_profile(bundle, (1, 4, 8), ((32, 32), (64, 64), (128, 128)))
+    narrow = range_profile(bundle, (1, 2, 4), ((64, 64), (64, 64), (64, 64)))
     assert static.static and not wide.static and "-" in wide.tag
     shapes_1 = graph_input_shapes(bundle, 1, 64, 64)["denoiser"]
     shapes_2 = graph_input_shapes(bundle, 2, 64, 64)["denoiser"]
@@ -137,11 +150,6 @@ def test_choose_profile_prefers_exact_static_then_narrowest_range(tmp_path):
     assert choose_profile([wide, narrow, static], shapes_2) is narrow
     assert choose_profile([wide, narrow, static], shapes_big) is wide
     assert choose_profile([narrow, static], graph_input_shapes(bundle, 16, 64, 64)["denoiser"]) is None
-
-
-def test_range_profile_needs_ordered_corners(tmp_path):
-    with pytest.raises(ShapeError, match="min <= opt <= max"):
-        range_profiles(fake_bundle(tmp_path), (4, 1, 8), ((64, 64),) * 3)
 
 
 # --- running: executors, CUDA graphs, cache reuse ----------------------------------------------------------------
@@ -171,7 +179,7 @@ def test_a_new_session_reuses_the_cached_plan(tmp_path):
 
 def test_dynamic_profile_runs_without_cuda_graph(tmp_path):
     cuda = FakeCuda()
-    profile = range_profiles(fake_bundle(tmp_path), (1, 2, 4), ((64, 64),) * 3)["denoiser"]
+    profile = range_profile(fake_bundle(tmp_path), (1, 2, 4), ((64, 64),) * 3)
     session, builds = make_session(tmp_path, cuda=cuda, profiles=[profile])
     for batch in (1, 3):
         session.run(denoiser_feeds(batch=batch))
@@ -184,17 +192,70 @@ def test_missing_input_is_a_shape_error(tmp_path):
         session.run({"sample": np.zeros((1, 3, 64, 64), np.float32)})
 
 
-def test_open_trt_sessions_shares_cache_and_checks_precision(tmp_path, monkeypatch):
-    monkeypatch.delenv("MEDSR_ENGINE_CACHE", raising=False)
+def test_open_trt_sessions_shares_the_engine_cache_and_checks_precision(tmp_path, monkeypatch):
+    from medsr.bundle.cache import manifest_digest
+
+    monkeypatch.setenv("MEDSR_CACHE", str(tmp_path / "cache"))
     cuda = FakeCuda()
-    bundle = fake_bundle(tmp_path)
+    bundle = fake_bundle(tmp_path / "bundle")
     sessions = open_trt_sessions(
         bundle, {"vae_encoder": "fp32", "vae_decoder": "fp32", "denoiser": "fp16"}, trt=fake_tensorrt(cuda), cuda=cuda
     )
     assert sessions["denoiser"].providers == ("TensorRT-10.8.0-fp16",)
-    assert sessions["vae_decoder"].cache.root == tmp_path / "engines"
+    plans = tmp_path / "cache" / "engines" / manifest_digest(bundle) / "tensorrt-10.8.0" / "NVIDIA_H100_80GB_HBM3-sm9.0"
+    assert sessions["vae_decoder"].cache.root == plans and sessions["denoiser"].cache is sessions["vae_decoder"].cache
+    timings = tmp_path / "cache" / "runtimes" / "tensorrt-10.8.0" / "NVIDIA_H100_80GB_HBM3-sm9.0" / "timing.cache"
+    assert sessions["denoiser"].timing_cache == timings
+    sessions["denoiser"].builder = lambda path, profile, precision: b"plan:denoiser"
+    sessions["denoiser"].run(denoiser_feeds())
+    stem = "denoiser-fp16-1x3x64x64_1x3x16x16_1"
+    assert sorted(p.name for p in plans.iterdir()) == [f"{stem}.json", f"{stem}.plan"]
+    assert not any((tmp_path / "bundle").rglob("*.plan"))
     with pytest.raises(BackendError, match="precision must be one of"):
         open_trt_sessions(bundle, "int4", trt=fake_tensorrt(cuda), cuda=cuda)
+
+
+def test_an_unwritable_cache_runs_uncached_with_one_warning(tmp_path, monkeypatch):
+    """A cache path that cannot be a folder (fails even for root): the plans are built in memory and run, with a
+    single warning naming the folder and MEDSR_CACHE, instead of a PermissionError/NotADirectoryError."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("MEDSR_CACHE", str(blocker))
+    cuda = FakeCuda()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sessions = open_trt_sessions(fake_bundle(tmp_path / "bundle"), "fp16", trt=fake_tensorrt(cuda), cuda=cuda)
+        builds = []
+        sessions["denoiser"].builder = lambda path, profile, precision: builds.append(profile) or b"plan:denoiser"
+        feeds = denoiser_feeds()
+        out = sessions["denoiser"].run(feeds)["model_output"]
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and "TensorRT plan cache disabled" in messages[0] and "MEDSR_CACHE" in messages[0]
+    assert "a-file" in messages[0]
+    np.testing.assert_allclose(out, 2 * feeds["sample"] + feeds["lr_latent"].mean(), rtol=1e-6)
+    assert len(builds) == 1 and sessions["denoiser"].cache.root is None and sessions["denoiser"].timing_cache is None
+    assert blocker.read_text() == "not a folder"
+
+
+def test_auto_keeps_fp16_only_where_the_end_to_end_probe_passes(tmp_path, monkeypatch):
+    """``auto`` on TensorRT goes through the engine's one precision policy (medsr.engine.precision): here the probe
+    output moves by 1e-4 per fp16 graph (74 dB: passes) and by 0.01 when the decoder runs fp16 (40 dB: below 40 + 3),
+    so the decoder stays fp32 and the rest is fp16."""
+    monkeypatch.setenv("MEDSR_CACHE", str(tmp_path / "cache"))
+
+    def probe(bundle, sessions):
+        reduced = [graph for graph, session in sessions.items() if session.precision == "fp16"]
+        return np.linspace(0, 1, 64) + 1e-4 * len(reduced) + (0.01 if "vae_decoder" in reduced else 0.0)
+
+    monkeypatch.setattr(precision_module, "probe_output", probe)
+    cuda = FakeCuda()
+    sessions = open_trt_sessions(fake_bundle(tmp_path / "bundle"), "auto", trt=fake_tensorrt(cuda), cuda=cuda)
+    chosen = {graph: session.precision for graph, session in sessions.items()}
+    assert chosen == {"denoiser": "fp16", "vae_decoder": "fp32", "vae_encoder": "fp16"}
+    assert sessions["denoiser"].providers == ("TensorRT-10.8.0-fp16 (auto: 74.0 dB vs fp32 on the probe)",)
+    mixed = {"denoiser": "auto", "vae_encoder": "fp32", "vae_decoder": "fp32"}
+    with pytest.raises(BackendError, match="auto applies to every graph or none"):
+        open_trt_sessions(fake_bundle(tmp_path / "bundle"), mixed, trt=fake_tensorrt(cuda), cuda=cuda)
 
 
 # --- precision policy --------------------------------------------------------------------------------------------
@@ -207,6 +268,8 @@ def test_precision_plans():
     assert precision_plan("fp16-all").fp32_layer_types == () and precision_plan("bf16").set_flags == ("BF16",)
     with pytest.raises(BackendError, match="must be one of"):
         precision_plan("int8")
+    assert (*RECIPES, "auto") == PRECISIONS["trt"]  # one list: every precision but auto has a builder recipe
+    assert len({recipe_id(p) for p in RECIPES}) == len(RECIPES)
 
 
 class _Layer:
@@ -237,18 +300,6 @@ def test_norms_and_softmax_are_pinned_to_fp32():
         layers[0].precision is None and layers[1].precision == "f32" and layers[3].output_types == {0: "f32", 1: "f32"}
     )
     assert pin_fp32_layers(trt, network, precision_plan("fp16-all").fp32_layer_types) == []
-
-
-@pytest.mark.parametrize(
-    "parity, expected",
-    [
-        ({"fp16-all": 45.0, "fp16": 50.0}, ("fp16-all", {"fp16-all": 45.0})),  # everything fp16 already passes
-        ({"fp16-all": 21.0, "fp16": 48.0}, ("fp16", {"fp16-all": 21.0, "fp16": 48.0})),  # norms need fp32
-        ({"fp16-all": 12.0, "fp16": 30.0}, ("fp32", {"fp16-all": 12.0, "fp16": 30.0})),  # e.g. a VAE decoder
-    ],
-)
-def test_choose_precision_keeps_the_fastest_that_passes(parity, expected):
-    assert choose_precision(("fp16-all", "fp16", "fp32"), parity.__getitem__, threshold_db=40.0) == expected
 
 
 def test_build_plan_sets_flags_profile_and_timing_cache(tmp_path):

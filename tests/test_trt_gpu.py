@@ -59,12 +59,12 @@ def test_round_trip_through_device_and_cuda_graph_replay(cuda):
 def test_tensorrt_matches_onnxruntime_on_the_tiny_bundle(tiny_bundle, tmp_path, monkeypatch):
     """Real TensorRT (fp32 and fp16 with pinned norms) against ONNX Runtime CPU on every graph."""
     from medsr.bundle import load_bundle
+    from medsr.engine.compare import compare_arrays
     from medsr.engine.profiles import graph_input_shapes
     from medsr.engine.sessions import open_ort_sessions
     from medsr.engine.trt import open_trt_sessions
-    from medsr.eval.parity import compare_arrays
 
-    monkeypatch.setenv("MEDSR_ENGINE_CACHE", str(tmp_path))
+    monkeypatch.setenv("MEDSR_CACHE", str(tmp_path))
     bundle = load_bundle(tiny_bundle)
     reference = open_ort_sessions(bundle)
     rng = np.random.default_rng(0)

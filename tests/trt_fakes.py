@@ -8,6 +8,7 @@ launch, as CUDA does.
 from __future__ import annotations
 
 import itertools
+import json
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -181,12 +182,16 @@ def fake_tensorrt(cuda: FakeCuda, version="10.8.0"):
     )
 
 
-def fake_bundle(root, sha="ab" * 32):
-    """What TrtSession and the shape profiles read from a bundle: f=4, x4, 3 latents, LR multiple 8, the paper's
-    conditioning."""
-    graphs = {name: SimpleNamespace(path=root / f"{name}.onnx", sha256=sha) for name in GRAPH_IO}
+def fake_bundle(root, sha="ab" * 32, name="fake"):
+    """What TrtSession, the shape profiles and the engine cache read from a bundle: f=4, x4, 3 latents, LR multiple
+    8, the paper's conditioning; ``root/medsr.json`` holds the name and the graphs' sha256 (the manifest digest keys
+    the cache)."""
+    root.mkdir(parents=True, exist_ok=True)
+    graphs = {graph: SimpleNamespace(path=root / f"{graph}.onnx", sha256=sha) for graph in GRAPH_IO}
+    manifest = {"name": name, "graphs": {graph: {"sha256": sha} for graph in GRAPH_IO}}
+    (root / "medsr.json").write_text(json.dumps(manifest))
     return SimpleNamespace(
-        name="fake",
+        name=name,
         root=root,
         graphs=graphs,
         scale=4,

@@ -64,6 +64,8 @@ def open_engine(bundle, spec: EngineSpec, device: str, threads: int | None) -> d
     """Sessions of ``spec`` for every graph of ``bundle``."""
     if spec.name != "torch":
         return open_sessions(bundle, spec.name, device=device, threads=threads, precision=spec.precision)
+    import medsr.export.reference  # noqa: F401  registers the engine's torch backend
+
     sessions = open_sessions(bundle, "torch", device=device, threads=threads)
     if spec.precision == "fp32":
         return sessions

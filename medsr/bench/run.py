@@ -22,10 +22,9 @@ from medsr.bench.engines import EngineSpec, open_engine
 from medsr.bench.flops import graph_flops
 from medsr.bench.machine import describe_machine, gemm_ceilings
 from medsr.bench.stages import STAGES, run_volume, scheduler_step_seconds, write_test_volume
+from medsr.engine.compare import compare_arrays
 from medsr.engine.pipeline import SamplingOptions
 from medsr.engine.profiles import graph_input_shapes
-from medsr.engine.schedulers import SchedulerConfig
-from medsr.eval.parity import compare_arrays
 
 
 @dataclass(frozen=True)
@@ -92,7 +91,7 @@ def bench_preset(preset_name: str, config: BenchConfig, log=print) -> dict:
     )
     flops = graph_flops(bundle, config.lr_size, config.lr_size)
     sessions, open_seconds = _open_all(bundle, specs, config)
-    scheduler_config = SchedulerConfig.from_dict(bundle.scheduler)
+    scheduler_config = bundle.manifest.scheduler
     runs, outputs = [], {}
     with tempfile.TemporaryDirectory() as scratch:
         out_path = Path(scratch) / "sr.nii.gz"

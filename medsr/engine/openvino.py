@@ -2,14 +2,14 @@
 
 OpenVINO reads the bundle's ONNX graphs directly. Each input shape is compiled once as a static model (the fast path;
 slices of a volume share one shape) with INFERENCE_PRECISION_HINT f32 or bf16, LATENCY hint and one thread per core.
-Compiled blobs go to OpenVINO's model cache under ``<engine cache>/openvino/<OpenVINO version>/<CPU>``: OpenVINO keys
-each blob by the graph's content and the compile properties (precision, threads), and the folder adds what TensorRT
-plans are keyed by beside them, so a blob from another OpenVINO or CPU is never read.
+Compiled blobs go to OpenVINO's model cache in the engine cache (medsr.bundle.cache):
+``engines/<manifest sha256>/openvino-<version>/<CPU model digest>/<precision>``. OpenVINO keys each blob by the
+graph's content and the compile properties (threads, shapes) within that folder, so a blob of another bundle,
+OpenVINO build or CPU model is never read. An unwritable cache runs uncached with a warning.
 
-Precision: ``fp32``; ``bf16`` (AVX-512 BF16 or AMX: several times the fp32 GEMM rate); ``auto``: as many graphs in
-bf16 as keep the pipeline's SR output within ``AUTO_THRESHOLD_DB`` of all-fp32 on a seeded probe
-(``choose_precisions``), fp32 on CPUs without bf16 units. The choice and its parity show in each session's
-``providers``.
+Precision (medsr.engine.precision.PRECISIONS["openvino"]): ``fp32``; ``bf16`` (AVX-512 BF16 or AMX: several times
+the fp32 GEMM rate); ``auto``: bf16 per graph where the parity gate of medsr.engine.precision.choose_mixed passes,
+fp32 on CPUs without bf16 units. The choice and its parity show in each session's ``providers``.
 
 ONNX Runtime has no bf16 path on x86 CPUs (MLAS fast-math bf16 GEMMs are ARM only) and its OpenVINO execution
 provider ships as onnxruntime-openvino, which replaces the onnxruntime package: so medsr's reduced-precision CPU path
@@ -19,23 +19,16 @@ is this engine, and ``--engine ort`` stays fp32.
 from __future__ import annotations
 
 import hashlib
-import itertools
-import os
-import warnings
 from pathlib import Path
 
 import numpy as np
 
+from medsr.bundle.cache import engine_dir, usable_dir
 from medsr.bundle.graphs import GRAPHS
+from medsr.engine.precision import AUTO, AUTO_REDUCED, PRECISIONS, choose_mixed
 from medsr.engine.sessions import available_cores
 from medsr.errors import BackendError, ShapeError
 
-OPENVINO_PRECISIONS = ("fp32", "bf16", "auto")
-#: Parity (dB, SR output of the mixed-precision pipeline vs all-fp32) that ``auto`` requires to keep bf16 graphs.
-AUTO_THRESHOLD_DB = 40.0
-#: Extra dB the probe must clear: it is one seeded slice, and other slices (content, size) of the tiny random-weight
-#: model scored up to 5 dB lower with the same precisions (41 dB on the 32 x 32 probe, 36 dB on 16 x 16 slices).
-AUTO_MARGIN_DB = 3.0
 _HINTS = {"fp32": "f32", "bf16": "bf16"}
 
 
@@ -55,18 +48,17 @@ def has_bf16_units(core) -> bool:
     return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
-def model_cache_dir(root: str | os.PathLike, ov, core) -> Path:
-    """``root/openvino/<version>/<CPU name digest>``: blobs of one OpenVINO build on one CPU model."""
+def ov_version(ov) -> str:
+    """The OpenVINO release, ``2026.4.1`` of ``2026.4.1-22982-...``."""
+    return ov.__version__.split("-")[0]
+
+
+def model_cache_dir(bundle, ov, core) -> Path:
+    """The engine-cache folder of ``bundle``'s blobs compiled by this OpenVINO on this CPU model; one subfolder per
+    precision."""
     cpu = core.get_property("CPU", "FULL_DEVICE_NAME")
-    digest = hashlib.sha256(cpu.encode()).hexdigest()[:12]
-    return Path(root) / "openvino" / ov.__version__.split("-")[0] / digest
-
-
-def psnr_db(actual: np.ndarray, expected: np.ndarray) -> float:
-    """PSNR (dB) of ``actual`` against ``expected`` with the expected array's range as peak (medsr.eval.parity)."""
-    from medsr.eval.parity import compare_arrays
-
-    return compare_arrays(actual, expected)["psnr_db"]
+    device = "cpu-" + hashlib.sha256(cpu.encode()).hexdigest()[:12]
+    return engine_dir(bundle, "openvino", ov_version(ov), device)
 
 
 class OpenVinoSession:
@@ -74,21 +66,21 @@ class OpenVinoSession:
 
     Args:
         graph: graph name (medsr.bundle.graphs); path: its .onnx file.
-        precision: "fp32" or "bf16" ("auto" is resolved per graph by ``choose_precisions``).
+        precision: "fp32" or "bf16" ("auto" is resolved per graph by ``open_openvino_sessions``).
         threads: inference threads; default: the cores available to this process.
-        cache_dir: OpenVINO model cache folder (None: no cache).
+        cache_dir: OpenVINO model cache folder of this precision (None: no cache).
         ov, core: the openvino module and an ov.Core (tests may pass their own).
     """
 
     def __init__(self, graph: str, path, precision="fp32", threads=None, cache_dir=None, ov=None, core=None):
         if precision not in _HINTS:
-            raise BackendError(f"OpenVINO precision must be one of {', '.join(OPENVINO_PRECISIONS)}, got {precision!r}")
+            allowed = ", ".join(PRECISIONS["openvino"])
+            raise BackendError(f"OpenVINO precision must be one of {allowed}, got {precision!r}")
         spec = GRAPHS[graph]
         self.graph, self.path, self.precision = graph, Path(path), precision
         self.ov = ov or import_openvino()
         self.core = core or self.ov.Core()
-        if cache_dir is not None:
-            self.core.set_property({"CACHE_DIR": str(cache_dir)})
+        self.cache_dir = cache_dir
         if precision == "bf16" and not has_bf16_units(self.core):
             raise BackendError("--precision bf16: this CPU has no bf16 units (AVX-512 BF16 or AMX); use fp32 or auto")
         self.threads = threads or available_cores()
@@ -99,7 +91,7 @@ class OpenVinoSession:
 
     @property
     def providers(self) -> tuple[str, ...]:
-        return (f"OpenVINO-{self.ov.__version__.split('-')[0]}-CPU-{self.precision}{self.note}",)
+        return (f"OpenVINO-{ov_version(self.ov)}-CPU-{self.precision}{self.note}",)
 
     def compile(self, shapes: dict[str, tuple[int, ...]]):
         """An infer request of the graph reshaped to static ``shapes``."""
@@ -110,6 +102,8 @@ class OpenVinoSession:
             "INFERENCE_NUM_THREADS": self.threads,
             "PERFORMANCE_HINT": "LATENCY",
         }
+        if self.cache_dir is not None:  # per compile, not on the shared Core: each precision has its own folder
+            config["CACHE_DIR"] = str(self.cache_dir)
         return self.core.compile_model(model, "CPU", config).create_infer_request()
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -128,65 +122,30 @@ class OpenVinoSession:
         self._requests.clear()
 
 
-def choose_precisions(bundle, by_precision: dict[str, dict[str, OpenVinoSession]], threshold_db=AUTO_THRESHOLD_DB):
-    """``auto``: the sessions mixing bf16 and fp32 graphs with the most bf16 graphs whose SR output stays within
-    ``threshold_db`` + AUTO_MARGIN_DB of the all-fp32 pipeline on a seeded probe (one 32 x 32 LR slice, 2 steps);
-    and that PSNR.
+def open_openvino_sessions(bundle, precision: str = AUTO, threads: int | None = None) -> dict[str, OpenVinoSession]:
+    """An OpenVinoSession per graph of ``bundle`` sharing one ov.Core, with blobs cached in the engine cache.
 
-    Judged on the pipeline's output, not per graph: bf16 error in the latent is amplified by the decoder, so a
-    denoiser that passes alone can fail end to end (seen on random-weight models: 43 dB alone, 36 dB at the image).
+    ``auto``: bf16 graphs as medsr.engine.precision.choose_mixed allows on CPUs with bf16 units, fp32 elsewhere;
+    each session's ``providers`` then names its precision and the probe's end-to-end PSNR against fp32.
     """
-    from medsr.engine.pipeline import LatentSRPipeline, SamplingOptions
-
-    probe = np.random.default_rng(0).uniform(-1, 1, (1, 32, 32)).astype(np.float32)
-    options = SamplingOptions(steps=2, batch_size=1, consistency="none")
-
-    def output(sessions):
-        return LatentSRPipeline(bundle, sessions).super_resolve(probe, options).images
-
-    reference = output(by_precision["fp32"])
-    graphs = list(bundle.graphs)
-    combos = sorted(itertools.product(("bf16", "fp32"), repeat=len(graphs)), key=lambda combo: combo.count("fp32"))
-    for combo in combos[:-1]:
-        sessions = {graph: by_precision[precision][graph] for graph, precision in zip(graphs, combo)}
-        parity = psnr_db(output(sessions), reference)
-        if parity >= threshold_db + AUTO_MARGIN_DB:
-            return sessions, parity
-    return by_precision["fp32"], float("inf")
-
-
-def open_openvino_sessions(bundle, precision: str = "auto", threads: int | None = None) -> dict[str, OpenVinoSession]:
-    """An OpenVinoSession per graph of ``bundle`` sharing one ov.Core and the engine cache's OpenVINO folder.
-
-    ``auto``: bf16 graphs as ``choose_precisions`` allows on CPUs with bf16 units, fp32 elsewhere; each session's
-    ``providers`` then names its precision and the probe's end-to-end PSNR against fp32.
-    """
-    from medsr.engine.trt import CACHE_ENV, cache_root
-
-    if precision not in OPENVINO_PRECISIONS:
-        raise BackendError(f"OpenVINO precision must be one of {', '.join(OPENVINO_PRECISIONS)}, got {precision!r}")
+    if precision not in PRECISIONS["openvino"]:
+        raise BackendError(f"OpenVINO precision must be one of {', '.join(PRECISIONS['openvino'])}, got {precision!r}")
     ov = import_openvino()
     core = ov.Core()
-    cache_dir = model_cache_dir(cache_root(bundle), ov, core)
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:  # a read-only bundle without MEDSR_ENGINE_CACHE: run uncached, and say so
-        warnings.warn(
-            f"OpenVINO model cache disabled, {cache_dir} is not writable ({exc}); set {CACHE_ENV}", stacklevel=2
-        )
-        cache_dir = None
+    cache = usable_dir(model_cache_dir(bundle, ov, core), "OpenVINO model cache")
 
     def sessions(chosen: str) -> dict[str, OpenVinoSession]:
+        cache_dir = None if cache is None else usable_dir(cache / chosen, "OpenVINO model cache")
         return {
             name: OpenVinoSession(name, entry.path, chosen, threads, cache_dir, ov, core)
             for name, entry in bundle.graphs.items()
         }
 
-    if precision != "auto":
+    if precision != AUTO:
         return sessions(precision)
     if not has_bf16_units(core):
         return sessions("fp32")
-    chosen, parity = choose_precisions(bundle, {"fp32": sessions("fp32"), "bf16": sessions("bf16")})
+    chosen, _, parity = choose_mixed(bundle, sessions, AUTO_REDUCED["openvino"])
     for session in chosen.values():
         session.note = f" (auto: {parity:.1f} dB vs fp32 on the probe)"
     return chosen

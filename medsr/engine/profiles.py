@@ -2,8 +2,8 @@
 
 The shapes follow from the bundle (scale s, VAE factor f, channels, LR padding multiple) and the graph names of
 medsr.bundle.graphs, so TensorRT profiles, OpenVINO static shapes, the benchmark's FLOP counts and the tests all
-derive them in one place. A profile is static (min = opt = max, the fast path: one slice size, CUDA graphs) or a
-range for volumes of mixed sizes.
+derive them in one place. medsr builds static profiles (min = opt = max, the fast path: one slice size, CUDA
+graphs); a ShapeProfile may also hold a range (min < max), which TensorRT runs without CUDA graphs.
 """
 
 from __future__ import annotations
@@ -89,21 +89,6 @@ def static_profiles(bundle, batch: int, lr_height: int, lr_width: int) -> dict[s
         graph: ShapeProfile(graph, tuple((name, (shape, shape, shape)) for name, shape in inputs.items()))
         for graph, inputs in shapes.items()
     }
-
-
-def range_profiles(
-    bundle, batches: tuple[int, int, int], lr_sizes: tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
-) -> dict[str, ShapeProfile]:
-    """One dynamic profile per graph from (min, opt, max) batches and (min, opt, max) LR (height, width) sizes."""
-    corners = [graph_input_shapes(bundle, b, h, w) for b, (h, w) in zip(batches, lr_sizes)]
-    profiles = {}
-    for graph, inputs in corners[0].items():
-        ranges = tuple((name, tuple(corner[graph][name] for corner in corners)) for name in inputs)
-        for name, (low, opt, high) in ranges:
-            if not all(lo <= o <= hi for lo, o, hi in zip(low, opt, high)):
-                raise ShapeError(f"profile of {graph}.{name}: need min <= opt <= max, got {low}, {opt}, {high}")
-        profiles[graph] = ShapeProfile(graph, ranges)
-    return profiles
 
 
 def choose_profile(profiles: list[ShapeProfile], shapes: dict[str, Shape]) -> ShapeProfile | None:

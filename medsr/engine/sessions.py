@@ -1,31 +1,33 @@
-"""One Session interface over the runtimes that execute a bundle graph.
+"""One Session interface over the runtimes that execute a bundle graph, and the registry of engines.
 
 ``run(feeds) -> outputs`` takes and returns dicts keyed by the graph's input and output names
 (medsr.bundle.graphs), never positional lists. A requested runtime or provider that is missing, or that did not
 become active (onnxruntime silently falls back to CPU), raises BackendError instead of running somewhere else.
 
 Engines: ``ort`` (ONNX Runtime, CPU or CUDA), ``trt`` (native TensorRT, medsr.engine.trt), ``openvino``
-(medsr.engine.openvino) and ``torch`` (the PyTorch reference, medsr.export.reference). Each backend is imported only
-when asked for, so the ort path never loads torch, TensorRT or OpenVINO.
+(medsr.engine.openvino) and ``torch`` (the PyTorch reference). Each is an opener in a registry
+(:func:`register_backend`); the built-in ones import their runtime only when called, so the ort path never loads
+TensorRT or OpenVINO. The engine never imports the PyTorch side: ``medsr.export.reference`` registers ``torch``
+when it is imported (the command-line layer does so for ``--engine torch``), see docs/design.md, "Import rules".
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
+from medsr.engine.precision import PRECISIONS
 from medsr.errors import BackendError
 
 ORT_PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
     "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
 }
-ENGINES = ("ort", "torch", "trt", "openvino")
+ENGINES = tuple(PRECISIONS)  # ort, torch, trt, openvino
 
 
 class Session(Protocol):
@@ -46,47 +48,28 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-@dataclass(frozen=True)
-class OrtTuning:
-    """How an ONNX Runtime session is set up (measured in benchmarks/results/, see benchmarks/README.md).
+def ort_session_options(ort, threads: int | None = None):
+    """The ``onnxruntime.SessionOptions`` of every OrtSession (measured in benchmarks/results/, see
+    benchmarks/README.md).
 
-    Attributes:
-        threads: intra-op threads; None: the cores available to this process. One inter-op thread: the graphs are
-            chains, and a second pool would only compete for the same cores.
-        spinning: let idle intra-op threads spin between parallel regions. Off by default: spinning gains almost
-            nothing on these convolution-bound graphs and steals whole cores from anything else on a shared server
-            (the bundled benchmarks were run next to a training job).
-        optimization: ORT graph optimization level, "basic", "extended" or "all" (layout transforms to the blocked
-            NCHWc convolutions, fusions of GroupNorm pieces, GELU and attention).
-        memory_arena: reuse activation buffers across runs (ORT's arena with memory patterns); the slices of a
-            volume share one shape, so after the first run no step allocates.
+    ``threads`` intra-op threads (None: the cores available to this process) and one inter-op thread: the graphs are
+    chains, and a second pool would only compete for the same cores. Idle threads do not spin between parallel
+    regions: spinning gains almost nothing on these convolution-bound graphs and steals whole cores from anything
+    else on a shared server. All graph optimizations (layout transforms to the blocked NCHWc convolutions, fusions of
+    GroupNorm pieces, GELU and attention). The memory arena and memory patterns reuse activation buffers across runs:
+    the slices of a volume share one shape, so after the first run no step allocates.
     """
-
-    threads: int | None = None
-    spinning: bool = False
-    optimization: str = "all"
-    memory_arena: bool = True
-
-    def session_options(self, ort):
-        """An ``onnxruntime.SessionOptions`` with these settings."""
-        levels = {
-            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        }
-        if self.optimization not in levels:
-            raise BackendError(f"optimization must be one of {', '.join(levels)}, got {self.optimization!r}")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = levels[self.optimization]
-        options.intra_op_num_threads = self.threads or available_cores()
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.enable_cpu_mem_arena = self.memory_arena
-        options.enable_mem_pattern = self.memory_arena
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
-        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        options.log_severity_level = 3
-        return options
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads or available_cores()
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.enable_cpu_mem_arena = True
+    options.enable_mem_pattern = True
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    return options
 
 
 class OrtSession:
@@ -98,21 +81,13 @@ class OrtSession:
     Args:
         path: the .onnx file.
         device: "cpu" or "cuda" (CUDA provider, CPU fallback for unsupported nodes only).
-        threads: intra-op threads; default: the cores available to this process (overrides ``tuning.threads``).
-        tuning: session settings (OrtTuning); default: OrtTuning().
+        threads: intra-op threads; default: the cores available to this process.
     """
 
-    def __init__(
-        self,
-        path: str | os.PathLike,
-        device: str = "cpu",
-        threads: int | None = None,
-        tuning: OrtTuning | None = None,
-    ):
+    def __init__(self, path: str | os.PathLike, device: str = "cpu", threads: int | None = None):
         self.path = Path(path)
         self.device = device
-        tuning = tuning or OrtTuning()
-        self.tuning = dataclasses.replace(tuning, threads=threads or tuning.threads)
+        self.threads = threads
         self._session = self._load()
         self.providers = tuple(self._session.get_providers())
         self.input_names = tuple(item.name for item in self._session.get_inputs())
@@ -132,7 +107,7 @@ class OrtSession:
                 f"(available: {', '.join(ort.get_available_providers())}); install onnxruntime-gpu for --device cuda"
             )
         session = ort.InferenceSession(
-            str(self.path), sess_options=self.tuning.session_options(ort), providers=requested
+            str(self.path), sess_options=ort_session_options(ort, self.threads), providers=requested
         )
         active = session.get_providers()[0]
         if active != requested[0]:
@@ -160,50 +135,67 @@ class OrtSession:
         self._session = None
 
 
-def open_ort_sessions(
-    bundle, device: str = "cpu", threads: int | None = None, tuning: OrtTuning | None = None
-) -> dict[str, OrtSession]:
+def open_ort_sessions(bundle, device: str = "cpu", threads: int | None = None) -> dict[str, OrtSession]:
     """An OrtSession for each graph of ``bundle`` (a medsr.bundle.Bundle), keyed by graph name."""
-    return {
-        name: OrtSession(entry.path, device=device, threads=threads, tuning=tuning)
-        for name, entry in bundle.graphs.items()
-    }
+    return {name: OrtSession(entry.path, device=device, threads=threads) for name, entry in bundle.graphs.items()}
+
+
+#: ``opener(bundle, device, threads, precision) -> {graph: Session}`` of each registered engine.
+Opener = Callable[..., dict]
+_BACKENDS: dict[str, Opener] = {}
+
+
+def register_backend(name: str, opener: Opener) -> None:
+    """Make ``--engine name`` open its sessions with ``opener(bundle, device=, threads=, precision=)``; the
+    precision is already checked against PRECISIONS[name]."""
+    if name not in ENGINES:
+        raise BackendError(f"unknown engine {name!r}; engines are {', '.join(ENGINES)}")
+    _BACKENDS[name] = opener
 
 
 def open_sessions(
     bundle, engine: str, device: str = "cpu", threads: int | None = None, precision: str = "fp32"
 ) -> dict[str, Session]:
-    """Sessions for ``engine`` ("ort", "torch", "trt" or "openvino") on ``device``.
+    """Sessions of every graph of ``bundle`` on ``engine`` (one of ENGINES) on ``device`` in ``precision`` (one of
+    medsr.engine.precision.PRECISIONS[engine]).
 
-    ``precision`` applies to trt ("fp32", "tf32", "fp16", "bf16") and openvino ("fp32", "bf16", "auto"); ort and
-    torch run the bundle's fp32 graphs. "torch" runs the PyTorch reference modules stored in the bundle and needs the
-    torch extra; it is imported only here, so the ort path never loads torch.
+    ``torch`` is there once medsr.export.reference has been imported (it needs the torch extra); otherwise a one-line
+    BackendError says what to install.
     """
-    if engine == "ort":
-        _require_precision(engine, precision, ("fp32",))
-        return open_ort_sessions(bundle, device=device, threads=threads)
-    if engine == "torch":
-        _require_precision(engine, precision, ("fp32",))
-        try:
-            from medsr.export.reference import open_torch_sessions
-        except ImportError as exc:
-            raise BackendError(f"--engine torch needs the torch extra (pip install 'medsr[torch]'): {exc}") from exc
-        return open_torch_sessions(bundle, device=device, threads=threads)
-    if engine == "trt":
-        if device != "cuda":
-            raise BackendError("--engine trt (TensorRT) runs on a GPU: pass --device cuda")
-        from medsr.engine.trt import open_trt_sessions
-
-        return open_trt_sessions(bundle, precision=precision)
-    if engine == "openvino":
-        if device != "cpu":
-            raise BackendError("--engine openvino runs on the CPU in medsr: pass --device cpu")
-        from medsr.engine.openvino import open_openvino_sessions
-
-        return open_openvino_sessions(bundle, precision=precision, threads=threads)
-    raise BackendError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
-
-
-def _require_precision(engine: str, precision: str, allowed: tuple[str, ...]) -> None:
+    if engine not in ENGINES:
+        raise BackendError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    allowed = PRECISIONS[engine]
     if precision not in allowed:
-        raise BackendError(f"--engine {engine} runs {'/'.join(allowed)} only, got --precision {precision}")
+        runs = f"{allowed[0]} only" if len(allowed) == 1 else ", ".join(allowed)
+        raise BackendError(f"--engine {engine} runs {runs}, got --precision {precision}")
+    if engine not in _BACKENDS:  # only torch registers from outside the engine
+        raise BackendError(
+            f"--engine {engine} needs the torch extra (pip install 'medsr[torch]'), "
+            "whose medsr.export.reference registers the PyTorch reference backend"
+        )
+    return _BACKENDS[engine](bundle, device=device, threads=threads, precision=precision)
+
+
+def _open_ort(bundle, device, threads, precision):
+    return open_ort_sessions(bundle, device=device, threads=threads)
+
+
+def _open_trt(bundle, device, threads, precision):
+    if device != "cuda":
+        raise BackendError("--engine trt (TensorRT) runs on a GPU: pass --device cuda")
+    from medsr.engine.trt import open_trt_sessions
+
+    return open_trt_sessions(bundle, precision=precision)
+
+
+def _open_openvino(bundle, device, threads, precision):
+    if device != "cpu":
+        raise BackendError("--engine openvino runs on the CPU in medsr: pass --device cpu")
+    from medsr.engine.openvino import open_openvino_sessions
+
+    return open_openvino_sessions(bundle, precision=precision, threads=threads)
+
+
+register_backend("ort", _open_ort)
+register_backend("trt", _open_trt)
+register_backend("openvino", _open_openvino)

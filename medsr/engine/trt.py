@@ -1,9 +1,13 @@
 """Native TensorRT behind the Session interface: a versioned plan cache, per-shape executors, CUDA graphs.
 
-Plans live in ``<bundle>/engines/`` (or ``MEDSR_ENGINE_CACHE``) as ``<graph>-<precision>-<profile>.plan`` with a
-JSON of its key: graph sha256, precision, shape profile, TensorRT version, GPU name and compute capability
-(DESIGN.md). A plan whose key differs from this machine's is stale: it is refused with a message naming what
-differs and rebuilt (never silently reused); with ``build=False`` the refusal is a BackendError.
+Plans live in the engine cache (medsr.bundle.cache), never in the bundle:
+``engines/<manifest sha256>/tensorrt-<version>/<GPU>-sm<compute capability>/<graph>-<precision>-<profile>.plan``
+with a JSON of its key: graph sha256, precision, builder recipe, shape profile, TensorRT version, GPU name and
+compute capability. A plan whose key differs from this machine's (one copied from elsewhere) is stale: it is
+refused with a message naming what differs and rebuilt, never silently reused; with ``build=False`` the refusal is
+a BackendError. The timing cache is shared by every bundle: ``runtimes/tensorrt-<version>/<GPU>/timing.cache``. An
+unwritable cache runs uncached (plans built in memory) with one warning. See docs/design.md, "Nothing is written at
+run time into a bundle or the package".
 
 Each input shape gets an executor: device buffers and page-locked host buffers allocated once, and for a static
 profile the whole step (copies in, the engine, copies out) captured once as a CUDA graph and replayed, so a step
@@ -23,12 +27,14 @@ from pathlib import Path
 
 import numpy as np
 
+from medsr.bundle.cache import engine_dir, runtime_dir, usable_dir
 from medsr.bundle.graphs import GRAPHS
 from medsr.engine.cuda import GPU_EXTRA_HINT, CudaRuntime, GpuInfo
+from medsr.engine.precision import AUTO, AUTO_REDUCED, PRECISIONS, choose_mixed
 from medsr.engine.profiles import Shape, ShapeProfile, choose_profile
-from medsr.errors import BackendError, ShapeError
-
-CACHE_ENV = "MEDSR_ENGINE_CACHE"
+from medsr.engine.trt_build import recipe_id
+from medsr.errors import BackendError, OutputError, ShapeError
+from medsr.io.atomic import atomic_path
 
 
 def import_tensorrt():
@@ -52,6 +58,7 @@ class PlanKey:
     graph: str
     graph_sha256: str
     precision: str
+    recipe: str
     profile: str
     tensorrt_version: str
     gpu_name: str
@@ -66,6 +73,7 @@ class PlanKey:
         """Human-readable differences ``self`` (this machine) vs ``other`` (a cached plan)."""
         labels = {
             "graph_sha256": "graph sha256",
+            "recipe": "build recipe",
             "tensorrt_version": "TensorRT version",
             "gpu_name": "GPU",
             "compute_capability": "compute capability",
@@ -78,18 +86,20 @@ class PlanKey:
 
 
 class PlanCache:
-    """Plans on disk: ``<stem>.plan`` and ``<stem>.json`` (the PlanKey and the plan's sha256)."""
+    """Plans on disk: ``<stem>.plan`` and ``<stem>.json`` (the PlanKey and the plan's sha256). ``root`` None: no
+    cache (an unwritable cache folder), every lookup misses and nothing is stored."""
 
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
+    def __init__(self, root: str | os.PathLike | None):
+        self.root = None if root is None else Path(root)
 
     def paths(self, key: PlanKey) -> tuple[Path, Path]:
-        return self.root / f"{key.stem}.plan", self.root / f"{key.stem}.json"
+        folder = self.root if self.root is not None else Path("<uncached>")
+        return folder / f"{key.stem}.plan", folder / f"{key.stem}.json"
 
     def lookup(self, key: PlanKey) -> tuple[bytes | None, str | None]:
         """(plan, None) on a hit; (None, None) when absent; (None, reason) when a stale or corrupt plan is there."""
         plan_path, meta_path = self.paths(key)
-        if not plan_path.is_file():
+        if self.root is None or not plan_path.is_file():
             return None, None
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
@@ -104,24 +114,22 @@ class PlanCache:
             return None, "the plan file does not match its recorded sha256 (truncated or modified)"
         return plan, None
 
-    def store(self, key: PlanKey, plan: bytes) -> Path:
-        """Write the plan and its key atomically (key last: a plan without its key is never trusted)."""
-        self.root.mkdir(parents=True, exist_ok=True)
+    def store(self, key: PlanKey, plan: bytes) -> Path | None:
+        """Write the plan and its key atomically (key last: a plan without its key is never trusted); its path, or
+        None when there is no cache or the write failed (with a warning: the plan still runs from memory)."""
+        if self.root is None:
+            return None
         plan_path, meta_path = self.paths(key)
-        for path, data in (
-            (plan_path, plan),
-            (meta_path, json.dumps({"key": asdict(key), "plan_sha256": hashlib.sha256(plan).hexdigest()}).encode()),
-        ):
-            staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            staging.write_bytes(data)
-            os.replace(staging, path)
+        meta = json.dumps({"key": asdict(key), "plan_sha256": hashlib.sha256(plan).hexdigest()}).encode()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for path, data in ((plan_path, plan), (meta_path, meta)):
+                with atomic_path(path, overwrite=True) as staging:
+                    staging.write_bytes(data)
+        except (OSError, OutputError) as exc:
+            warnings.warn(f"TensorRT plan not cached: {exc}", stacklevel=3)
+            return None
         return plan_path
-
-
-def cache_root(bundle) -> Path:
-    """``MEDSR_ENGINE_CACHE/<bundle name>`` when set, else ``<bundle>/engines``."""
-    override = os.environ.get(CACHE_ENV)
-    return Path(override) / bundle.name if override else Path(bundle.root) / "engines"
 
 
 class PlanExecutor:
@@ -218,10 +226,11 @@ class TrtSession:
 
     Args:
         graph: graph name (medsr.bundle.graphs); entry: its bundle GraphEntry (path, sha256).
-        precision: one of medsr.engine.trt_build.TRT_PRECISIONS.
+        precision: one of medsr.engine.trt_build.RECIPES.
         cache: the PlanCache; gpu: this machine's GpuInfo.
         build: build missing or stale plans (False: refuse them with a BackendError).
         builder: ``builder(onnx_path, profile, precision) -> plan bytes``; default: medsr.engine.trt_build.build_plan.
+        timing_cache: the TensorRT timing cache file the default builder reads and updates (None: none).
     """
 
     def __init__(
@@ -237,27 +246,29 @@ class TrtSession:
         build=True,
         builder=None,
         cuda_graphs=True,
+        timing_cache: Path | None = None,
     ):
         spec = GRAPHS[graph]
         self.graph, self.entry, self.precision, self.cache = graph, entry, precision, cache
         self.trt, self.cuda, self.gpu, self.build, self.cuda_graphs = trt, cuda, gpu, build, cuda_graphs
+        self.timing_cache = timing_cache
         self.profiles = list(profiles)
         self.builder = builder or self._default_builder
         self.input_names, self.output_names = spec.inputs, spec.outputs
         self.providers = (f"TensorRT-{trt.__version__}-{precision}",)
-        self.notes: list[str] = []
         self._executors: dict[tuple, PlanExecutor] = {}
 
     def _default_builder(self, onnx_path, profile: ShapeProfile, precision: str) -> bytes:
         from medsr.engine.trt_build import build_plan
 
-        return build_plan(self.trt, onnx_path, profile, precision, timing_cache=self.cache.root / "timing.cache")
+        return build_plan(self.trt, onnx_path, profile, precision, timing_cache=self.timing_cache)
 
     def key(self, profile: ShapeProfile) -> PlanKey:
         return PlanKey(
             self.graph,
             self.entry.sha256,
             self.precision,
+            recipe_id(self.precision),
             profile.tag,
             self.trt.__version__,
             self.gpu.name,
@@ -274,9 +285,7 @@ class TrtSession:
         if stale:
             if not self.build:
                 raise BackendError(f"{plan_path}: stale TensorRT plan refused, {stale}; rebuild it with build=True")
-            note = f"{plan_path.name}: stale TensorRT plan rebuilt, {stale}"
-            warnings.warn(note, stacklevel=2)
-            self.notes.append(note)
+            warnings.warn(f"{plan_path.name}: stale TensorRT plan rebuilt, {stale}", stacklevel=2)
         elif not self.build:
             raise BackendError(f"{plan_path}: no TensorRT plan for this shape profile and building is off")
         plan = self.builder(self.entry.path, profile, self.precision)
@@ -308,26 +317,49 @@ class TrtSession:
         self._executors.clear()
 
 
+def gpu_folder(gpu: GpuInfo) -> str:
+    """The device part of the cache paths: ``<GPU name>-sm<compute capability>``."""
+    return f"{gpu.name}-sm{gpu.compute_capability}"
+
+
 def open_trt_sessions(
     bundle, precision: str = "fp16", profiles: dict | None = None, build: bool = True, trt=None, cuda=None
 ) -> dict[str, TrtSession]:
-    """A TrtSession per graph of ``bundle``, sharing one CUDA stream and the bundle's plan cache.
+    """A TrtSession per graph of ``bundle``, sharing one CUDA stream, the bundle's plan folder of the engine cache
+    and this GPU's timing cache.
 
-    ``precision``: one TensorRT precision for every graph, or {graph: precision} (e.g. what
-    medsr.engine.trt_build.choose_precision picked per graph). ``profiles``: {graph: [ShapeProfile]}.
+    ``precision``: one of PRECISIONS["trt"] for every graph, or {graph: precision}; ``auto``: fp16 per graph where
+    the parity gate of medsr.engine.precision.choose_mixed passes against TensorRT fp32 (its probe builds plans
+    of both), fp32 elsewhere, the choice and its parity named in each session's ``providers``.
+    ``profiles``: {graph: [ShapeProfile]}.
     """
-    from medsr.engine.trt_build import TRT_PRECISIONS
-
     trt = trt or import_tensorrt()
     cuda = cuda or CudaRuntime()
     precisions = precision if isinstance(precision, dict) else dict.fromkeys(bundle.graphs, precision)
-    bad = {graph: p for graph, p in precisions.items() if p not in TRT_PRECISIONS}
+    bad = {graph: p for graph, p in precisions.items() if p not in PRECISIONS["trt"]}
     if bad:
-        raise BackendError(f"TensorRT precision must be one of {', '.join(TRT_PRECISIONS)}, got {bad}")
-    cache, gpu = PlanCache(cache_root(bundle)), cuda.gpu()
-    return {
-        graph: TrtSession(
-            graph, entry, precisions[graph], cache, trt, cuda, gpu, (profiles or {}).get(graph, ()), build
+        raise BackendError(f"TensorRT precision must be one of {', '.join(PRECISIONS['trt'])}, got {bad}")
+    gpu = cuda.gpu()
+    device = gpu_folder(gpu)
+    plans = usable_dir(engine_dir(bundle, "tensorrt", trt.__version__, device), "TensorRT plan cache")
+    timing_cache = None  # without a plan cache (already warned) there is no timing cache either
+    if plans is not None and usable_dir(timings := runtime_dir("tensorrt", trt.__version__, device), "timing cache"):
+        timing_cache = timings / "timing.cache"
+    cache = PlanCache(plans)
+
+    def session(graph: str, chosen: str) -> TrtSession:
+        graph_profiles = (profiles or {}).get(graph, ())
+        return TrtSession(
+            graph, bundle.graphs[graph], chosen, cache, trt, cuda, gpu, graph_profiles, build, timing_cache=timing_cache
         )
-        for graph, entry in bundle.graphs.items()
-    }
+
+    if AUTO not in precisions.values():
+        return {graph: session(graph, precisions[graph]) for graph in bundle.graphs}
+    if set(precisions.values()) != {AUTO}:
+        raise BackendError(f"TensorRT precision auto applies to every graph or none, got {precisions}")
+    chosen, _, parity = choose_mixed(
+        bundle, lambda p: {graph: session(graph, p) for graph in bundle.graphs}, AUTO_REDUCED["trt"]
+    )
+    for item in chosen.values():
+        item.providers = (f"{item.providers[0]} (auto: {parity:.1f} dB vs fp32 on the probe)",)
+    return chosen

@@ -1,40 +1,40 @@
-"""TensorRT engine (plan) building from a bundle's ONNX graphs: precision policy, shape profiles, timing cache.
+"""TensorRT engine (plan) building from a bundle's ONNX graphs: builder recipe per precision, shape profiles,
+timing cache.
 
-Precisions (``--precision`` of ``--engine trt``):
+Precisions (``--precision`` of ``--engine trt``, medsr.engine.precision.PRECISIONS["trt"]):
 
 - ``fp32``: strict fp32 (TF32 off).
 - ``tf32``: fp32 storage, TF32 tensor-core matrix products.
 - ``fp16``: fp16 kernels, but normalization layers (GroupNorm/InstanceNorm/LayerNorm, which TensorRT parses into
   normalization layers), softmax and reductions are pinned to fp32: their sums of squares overflow fp16 and turn
-  VAE images into NaN or black (REFERENCE.md section 6).
-- ``fp16-all``: fp16 everywhere, chosen only where parity passes (``choose_precision``).
+  VAE images into NaN or black (docs/sources.md, "Deployment engines").
+- ``fp16-all``: fp16 everywhere (fastest; only where parity allows it).
 - ``bf16``: bf16 kernels (fp32 range: no overflow pinning needed), Ampere and newer.
+- ``auto``: fp16 per graph where the end-to-end parity gate of medsr.engine.precision passes, fp32 elsewhere
+  (resolved by medsr.engine.trt.open_trt_sessions before anything is built here).
 
-Which precision each graph runs in is decided by parity, not by default: ``choose_precision`` tries candidates from
-fastest to safest and keeps the first whose output reaches the PSNR threshold against fp32 (the VAE decoder
-typically stays fp32 or fp16 with pinned norms). TensorRT is imported lazily by the caller and passed in as ``trt``,
-so this module imports neither torch nor TensorRT; medsr.engine.trt uses it to rebuild stale plans.
+TensorRT is imported lazily by the caller and passed in as ``trt``, so this module imports neither torch nor
+TensorRT; medsr.engine.trt uses it to build missing or stale plans.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from medsr.engine.profiles import ShapeProfile
-from medsr.errors import BackendError
+from medsr.errors import BackendError, OutputError
+from medsr.io.atomic import atomic_path
 
 LOG = logging.getLogger(__name__)
 
-TRT_PRECISIONS = ("fp32", "tf32", "fp16", "fp16-all", "bf16")
 #: Layer types kept in fp32 under fp16: normalizations, softmax and reductions (mean/variance pieces of norms).
 FP32_LAYER_TYPES = ("NORMALIZATION", "SOFTMAX", "REDUCE")
-#: Default parity threshold of a reduced-precision graph against fp32 (dB), as the parity harness uses.
-PARITY_THRESHOLD_DB = 40.0
 
 
 @dataclass(frozen=True)
@@ -46,18 +46,27 @@ class PrecisionPlan:
     fp32_layer_types: tuple[str, ...]
 
 
+#: The builder recipe of every precision of PRECISIONS["trt"] but ``auto`` (which is resolved per graph first).
+RECIPES = {
+    "fp32": PrecisionPlan((), ("TF32",), ()),
+    "tf32": PrecisionPlan(("TF32",), (), ()),
+    "fp16": PrecisionPlan(("FP16", "OBEY_PRECISION_CONSTRAINTS"), (), FP32_LAYER_TYPES),
+    "fp16-all": PrecisionPlan(("FP16",), (), ()),
+    "bf16": PrecisionPlan(("BF16",), (), ()),
+}
+
+
 def precision_plan(precision: str) -> PrecisionPlan:
-    """The builder settings of ``precision`` (one of TRT_PRECISIONS)."""
-    plans = {
-        "fp32": PrecisionPlan((), ("TF32",), ()),
-        "tf32": PrecisionPlan(("TF32",), (), ()),
-        "fp16": PrecisionPlan(("FP16", "OBEY_PRECISION_CONSTRAINTS"), (), FP32_LAYER_TYPES),
-        "fp16-all": PrecisionPlan(("FP16",), (), ()),
-        "bf16": PrecisionPlan(("BF16",), (), ()),
-    }
-    if precision not in plans:
-        raise BackendError(f"TensorRT precision must be one of {', '.join(TRT_PRECISIONS)}, got {precision!r}")
-    return plans[precision]
+    """The builder settings of ``precision`` (a key of RECIPES)."""
+    if precision not in RECIPES:
+        raise BackendError(f"TensorRT precision must be one of {', '.join(RECIPES)}, got {precision!r}")
+    return RECIPES[precision]
+
+
+def recipe_id(precision: str) -> str:
+    """A short digest of the builder recipe of ``precision`` (flags set and cleared, layer types pinned): part of a
+    plan's cache key, so a plan built by an older recipe is rebuilt, not reused."""
+    return hashlib.sha256(repr(precision_plan(precision)).encode()).hexdigest()[:12]
 
 
 def pin_fp32_layers(trt, network, layer_types: tuple[str, ...]) -> list[str]:
@@ -96,7 +105,8 @@ def build_plan(
     """A serialized TensorRT engine of ``onnx_path`` for ``profile`` in ``precision``.
 
     ``timing_cache``: a file of kernel timings shared by every build on this GPU; read if present and written back
-    after the build (REFERENCE.md section 6: it cuts rebuilds from minutes to seconds).
+    after the build (docs/sources.md, "Deployment engines": it cuts rebuilds from minutes to seconds). A timing
+    cache that cannot be written back is skipped with a warning; the plan is still returned.
     """
     onnx_path = Path(onnx_path)
     plan = precision_plan(precision)
@@ -130,27 +140,10 @@ def build_plan(
         len(pinned),
     )
     if cache_path:
-        _write_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
+        try:
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(cache_path, overwrite=True) as staging:
+                staging.write_bytes(bytes(config.get_timing_cache().serialize()))
+        except (OSError, OutputError) as exc:
+            warnings.warn(f"TensorRT timing cache not saved: {exc}", stacklevel=2)
     return bytes(serialized)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    staging.write_bytes(data)
-    os.replace(staging, path)
-
-
-def choose_precision(
-    candidates: tuple[str, ...], parity_db: Callable[[str], float], threshold_db: float = PARITY_THRESHOLD_DB
-) -> tuple[str, dict[str, float]]:
-    """The first of ``candidates`` (fastest first, e.g. ("fp16-all", "fp16", "fp32")) whose parity against fp32
-    reaches ``threshold_db``; fp32 (parity by definition) when none does. Returns (precision, {tried: dB})."""
-    measured = {}
-    for precision in candidates:
-        if precision == "fp32":
-            return precision, measured
-        measured[precision] = parity_db(precision)
-        if measured[precision] >= threshold_db:
-            return precision, measured
-    return "fp32", measured

@@ -1,7 +1,10 @@
 """The PyTorch reference: the bundle's own modules run in eager PyTorch behind the engine's Session interface.
 
 ``--engine torch`` and the parity harness use it. It shares the engine's NumPy scheduler, noise and loop
-(medsr.engine.pipeline), so any difference between engines comes from the graphs and runtimes alone.
+(medsr.engine.pipeline), so any difference between engines comes from the graphs and runtimes alone. Importing this
+module registers it as the engine's ``torch`` backend (medsr.engine.sessions.register_backend): the engine never
+imports the PyTorch side, the command-line layer imports this module when ``--engine torch`` or a torch reference
+is asked for.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ import torch
 
 from medsr.bundle import Bundle, sha256_file
 from medsr.bundle.graphs import GRAPHS
+from medsr.bundle.manifest import thaw
+from medsr.engine.sessions import register_backend
 from medsr.errors import BundleError
 from medsr.export.models import build_unet, build_vae, graph_modules
 
@@ -37,18 +42,17 @@ def load_reference_models(bundle: Bundle):
     """Rebuild (vae, unet) from the bundle's ``torch_reference`` section (configs + safetensors, hash-checked)."""
     from safetensors.torch import load_file
 
-    reference = bundle.manifest.get("torch_reference")
-    if not reference:
+    reference = bundle.manifest.torch_reference
+    if reference is None:
         raise BundleError(f"{bundle.root}: bundle has no PyTorch reference weights (exported without them)")
     models = []
-    for name, build in (("vae", build_vae), ("unet", build_unet)):
-        record = reference[name]
-        path = bundle.root / record["file"]
+    for record, build in ((reference.vae, build_vae), (reference.unet, build_unet)):
+        path = bundle.root / record.file
         if not path.is_file():
-            raise BundleError(f"{bundle.root}: reference weights {record['file']} not found")
-        if sha256_file(path) != record["sha256"]:
+            raise BundleError(f"{bundle.root}: reference weights {record.file} not found")
+        if sha256_file(path) != record.sha256:
             raise BundleError(f"{path}: sha256 mismatch with the manifest")
-        model = build(record["config"])
+        model = build(thaw(record.config))
         model.load_state_dict(load_file(str(path)))
         models.append(model.eval())
     return tuple(models)
@@ -63,3 +67,11 @@ def open_torch_sessions(bundle: Bundle, device: str = "cpu", threads: int | None
         name: TorchSession(module, name, device)
         for name, module in graph_modules(vae, unet, bundle.conditioning).items()
     }
+
+
+def _open_backend(bundle: Bundle, device: str, threads: int | None, precision: str) -> dict[str, TorchSession]:
+    """The registered opener: open_sessions has already checked ``precision`` (fp32, the reference's only one)."""
+    return open_torch_sessions(bundle, device=device, threads=threads)
+
+
+register_backend("torch", _open_backend)
