@@ -10,9 +10,12 @@ import shutil
 
 import numpy as np
 import pytest
+from manifests import fake_bundle
 
-from medsr.bundle import Bundle, load_bundle
+from medsr.bundle import load_bundle
 from medsr.bundle.conditioning import BILINEAR, UPSAMPLED, Conditioning
+from medsr.bundle.manifest import Denoiser, Task, Vae
+from medsr.bundle.scheduler import SchedulerConfig
 from medsr.data.pairs import Slice, make_pair, random_crop_pairs
 from medsr.degrade import make_degradation, upsample_baseline
 from medsr.engine import tiling
@@ -27,11 +30,12 @@ ZEROFILL_RESIDUAL = Conditioning(UPSAMPLED, "zerofill", residual=True)
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"conditioning": "pixel_shuffle"}, "must be one of"),
-        ({"conditioning": UPSAMPLED}, "takes an upsampler only"),
-        ({"conditioning": BILINEAR, "upsampler": "zerofill"}, "takes an upsampler only"),
-        ({"conditioning": UPSAMPLED, "upsampler": "nearest"}, "upsampler must be one of"),
+        ({"conditioning": "pixel_shuffle"}, "denoiser.conditioning must be one of"),
+        ({"conditioning": UPSAMPLED}, "an upsampler is needed in mode"),
+        ({"conditioning": BILINEAR, "upsampler": "zerofill"}, "taken only there"),
+        ({"conditioning": UPSAMPLED, "upsampler": "nearest"}, "denoiser.upsampler must be one of"),
         ({"conditioning": BILINEAR, "residual": True, "prediction_type": "epsilon"}, "must predict x0"),
+        ({"conditioning": BILINEAR, "residual": 1}, "denoiser.residual must be of type bool"),
     ],
 )
 def test_bad_conditioning_fields_are_named(fields, message):
@@ -52,7 +56,7 @@ def test_load_bundle_refuses_a_bad_conditioning_naming_the_manifest(tiny_bundle,
     manifest = json.loads((copy / "medsr.json").read_text())
     manifest["denoiser"]["conditioning"] = UPSAMPLED
     (copy / "medsr.json").write_text(json.dumps(manifest))
-    with pytest.raises(BundleError, match=r"medsr\.json: denoiser conditioning"):
+    with pytest.raises(BundleError, match=r"medsr\.json: denoiser\.conditioning"):
         load_bundle(copy)
 
 
@@ -75,24 +79,13 @@ def test_the_encoder_sees_the_zero_filled_clipped_lr_and_the_residual_passes_it_
         "vae_decoder": RecordingSession(lambda latent: (latent,), ("image",)),
         "denoiser": RecordingSession(lambda sample, lr_latent, timestep: (lr_latent,), ("model_output",)),
     }
-    manifest = {
-        "task": {"scale": 4, "image_channels": 1, "lr_multiple": 4, "consistency": "none"},
-        "vae": {
-            "downsample_factor": 1,
-            "latent_channels": 1,
-            "scaling_factor": 1.0,
-            "shift_factor": 0.0,
-            "lr_latent": "mean",
-        },
-        "denoiser": {"prediction_type": "sample", **ZEROFILL_RESIDUAL.to_manifest()},
-        "scheduler": {
-            "algorithm": "ddim",
-            "prediction_type": "sample",
-            "default_steps": 2,
-            "timestep_spacing": "trailing",
-        },
-    }
-    pipeline = LatentSRPipeline(Bundle(root=None, manifest=manifest, graphs={}), sessions)
+    bundle = fake_bundle(
+        Task(scale=4, image_channels=1, lr_multiple=4),
+        Vae(downsample_factor=1, latent_channels=1),
+        Denoiser("sample", ZEROFILL_RESIDUAL),
+        SchedulerConfig(algorithm="ddim", prediction_type="sample", default_steps=2, timestep_spacing="trailing"),
+    )
+    pipeline = LatentSRPipeline(bundle, sessions)
     lr = np.random.default_rng(0).uniform(-1.2, 1.2, (3, 8, 12)).astype(np.float32)
     sr = pipeline.super_resolve(lr, SamplingOptions(batch_size=2)).images
     expected = upsample_baseline(np.clip(lr, -1, 1), "zerofill", 4)

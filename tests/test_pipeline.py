@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import dataclasses
 
 import numpy as np
 import pytest
+from manifests import fake_bundle as typed_bundle
 
 from medsr.bundle import Bundle, load_bundle
+from medsr.bundle.manifest import Denoiser, Task, Vae
+from medsr.degrade import consistency_residual, make_degradation
+from medsr.degrade.operators import WINDOWS
 from medsr.engine.pipeline import LatentSRPipeline, SamplingOptions, pad_to_multiple
 from medsr.engine.schedulers import SchedulerConfig
 from medsr.engine.sessions import open_ort_sessions
-from medsr.errors import NonFiniteError, ShapeError
+from medsr.errors import InputError, NonFiniteError, ShapeError
 
 F, S = 2, 4  # fake VAE factor and SR scale
 
@@ -42,15 +46,14 @@ def fake_sessions(denoise=None):
     }
 
 
-def fake_bundle(**scheduler) -> Bundle:
-    manifest = {
-        "name": "fake",
-        "task": {"scale": S, "image_channels": 2, "lr_multiple": F, "intensity": {}, "consistency": "none"},
-        "vae": {"downsample_factor": F, "latent_channels": 2, "scaling_factor": 0.18215, "shift_factor": 0.1, "lr_latent": "mean"},
-        "denoiser": {"prediction_type": "sample"},
-        "scheduler": {"algorithm": "ddim", "prediction_type": "sample", "default_steps": 3, **scheduler},
-    }
-    return Bundle(root=Path("."), manifest=manifest, graphs={})
+def fake_bundle(degradation=None, **scheduler) -> Bundle:
+    """x4, f = 2, 2 image and latent channels, scaled and shifted latents, an x0 DDIM of 3 default steps."""
+    return typed_bundle(
+        Task(scale=S, image_channels=2, lr_multiple=F, degradation=degradation),
+        Vae(downsample_factor=F, latent_channels=2, scaling_factor=0.18215, shift_factor=0.1),
+        Denoiser("sample"),
+        SchedulerConfig(algorithm="ddim", prediction_type="sample", default_steps=3, **scheduler),
+    )
 
 
 def test_loop_wiring_and_latent_scaling_with_fake_graphs():
@@ -99,7 +102,7 @@ def tiny_pipeline(tiny_bundle):
 @pytest.mark.parametrize("algorithm", ["ddim", "ddpm"])  # deterministic and stochastic per-step noise
 def test_results_do_not_depend_on_batching(tiny_pipeline, algorithm):
     bundle, sessions = tiny_pipeline
-    config = SchedulerConfig.from_dict({**bundle.scheduler, "algorithm": algorithm})
+    config = dataclasses.replace(bundle.manifest.scheduler, algorithm=algorithm)
     pipeline = LatentSRPipeline(bundle, sessions, config)
     lr = np.random.default_rng(1).uniform(-1, 1, (3, 12, 16)).astype(np.float32)
     one = pipeline.super_resolve(lr, SamplingOptions(steps=3, seed=5, batch_size=1)).images
@@ -132,3 +135,29 @@ def test_networks_see_clipped_lr_but_consistency_uses_the_measured_values():
     result = LatentSRPipeline(fake_bundle(), sessions).super_resolve(lr, SamplingOptions(consistency="kspace"))
     assert max(seen) <= 1.0
     assert result.residuals.max() < 1e-5  # agreement with the unclipped LR
+
+
+@pytest.mark.parametrize(("window", "alpha"), [(window, None) for window in WINDOWS] + [("tukey", 0.25)])
+def test_kspace_consistency_uses_the_bundles_window(window, alpha):
+    """The consistency step projects through the bundle's own k-space operator, window included: the residual
+    under that operator is float32 rounding (it was 0.36 with a Hann window when the step ignored the window)."""
+    degradation = make_degradation("kspace", S, window=window, alpha=alpha)
+    hr = np.random.default_rng(4).uniform(-1, 1, (2, 8 * S, 12 * S))
+    lr = degradation.forward(hr).astype(np.float32)  # a measurement the operator can make
+    pipeline = LatentSRPipeline(fake_bundle(degradation), fake_sessions())
+    free = pipeline.super_resolve(lr, SamplingOptions(consistency="none")).residuals
+    kept = pipeline.super_resolve(lr, SamplingOptions(consistency="kspace")).residuals
+    assert free.min() > 1e-2 and kept.max() < 1e-5
+    # in float64 the step is exact: A(result) = LR to 1e-12
+    sr = np.random.default_rng(5).uniform(-1, 1, hr.shape)
+    exact = pipeline.enforce_consistency(sr, degradation.forward(hr), "kspace")
+    assert consistency_residual(exact, degradation.forward(hr), degradation).max() <= 1e-12
+
+
+def test_kspace_consistency_is_refused_for_another_degradation():
+    pipeline = LatentSRPipeline(fake_bundle(make_degradation("bicubic", S)), fake_sessions())
+    lr = np.zeros((1, 4, 4), np.float32)
+    with pytest.raises(InputError, match="consistency 'kspace' needs the 'kspace' degradation.*'bicubic'"):
+        pipeline.super_resolve(lr, SamplingOptions(consistency="kspace"))
+    back = pipeline.super_resolve(lr + 0.5, SamplingOptions(consistency="backproject")).residuals
+    assert back.max() < 1e-3

@@ -18,7 +18,6 @@ from io_fixtures import pydicom_file
 from medsr.bundle import load_bundle
 from medsr.engine import tiling
 from medsr.engine.pipeline import LatentSRPipeline, SamplingOptions
-from medsr.engine.schedulers import SchedulerConfig
 from medsr.engine.sessions import open_sessions
 from medsr.errors import ShapeError
 from medsr.io.dicom import load_dicom
@@ -71,7 +70,7 @@ def mr_slice() -> np.ndarray:
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])  # deterministic, and stochastic with per-step noise
 def test_one_tile_is_exactly_the_whole_slice(tiny, mr_slice, sampler):
     bundle, sessions = tiny
-    config = dataclasses.replace(SchedulerConfig.from_dict(bundle.scheduler), algorithm=sampler)
+    config = dataclasses.replace(bundle.manifest.scheduler, algorithm=sampler)
     pipeline = LatentSRPipeline(bundle, sessions, config)
     options = SamplingOptions(steps=2, seed=3, lr_latent="sample", tile_size=None)
     lr = mr_slice[:, :40, :36]

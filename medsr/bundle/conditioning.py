@@ -39,11 +39,16 @@ class Conditioning:
 
     def __post_init__(self):
         if self.mode not in MODES:
-            raise BundleError(f"denoiser conditioning must be one of {MODES}, got {self.mode!r}")
+            raise BundleError(f"denoiser.conditioning must be one of {MODES}, got {self.mode!r}")
         if (self.mode == UPSAMPLED) != (self.upsampler is not None):
-            raise BundleError(f"denoiser conditioning {self.mode!r} takes an upsampler only in mode {UPSAMPLED!r}")
+            raise BundleError(
+                f"denoiser.conditioning {self.mode!r} with denoiser.upsampler {self.upsampler!r}: an upsampler is "
+                f"needed in mode {UPSAMPLED!r} and taken only there"
+            )
         if self.upsampler is not None and self.upsampler not in BASELINES:
-            raise BundleError(f"denoiser upsampler must be one of {BASELINES}, got {self.upsampler!r}")
+            raise BundleError(f"denoiser.upsampler must be one of {BASELINES}, got {self.upsampler!r}")
+        if not isinstance(self.residual, bool):
+            raise BundleError(f"denoiser.residual must be of type bool, got {self.residual!r}")
 
     @classmethod
     def from_manifest(cls, denoiser: dict) -> Conditioning:
@@ -51,11 +56,18 @@ class Conditioning:
         conditioning = cls(
             mode=denoiser.get("conditioning", BILINEAR),
             upsampler=denoiser.get("upsampler"),
-            residual=bool(denoiser.get("residual", False)),
+            residual=denoiser.get("residual", False),
         )
-        if conditioning.residual and denoiser.get("prediction_type") != "sample":
-            raise BundleError("a residual denoiser must predict x0 (prediction_type 'sample')")
+        conditioning.check_prediction(denoiser.get("prediction_type"))
         return conditioning
+
+    def check_prediction(self, prediction_type: str) -> None:
+        """Refuse a residual graph whose output is not x0: the skip path adds an image latent, not noise."""
+        if self.residual and prediction_type != "sample":
+            raise BundleError(
+                "denoiser.residual: a residual denoiser must predict x0 (denoiser.prediction_type 'sample'), got "
+                f"{prediction_type!r}"
+            )
 
     def to_manifest(self) -> dict:
         """The manifest's ``denoiser`` fields of this convention."""

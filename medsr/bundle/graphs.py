@@ -1,6 +1,6 @@
 """One I/O spec per exported network: names and dynamic axes shared by export, the engine and the tests.
 
-The three graphs of a bundle (DESIGN.md, "The bundle"):
+The three graphs of a bundle (docs/bundle.md):
 
 - ``vae_encoder``: ``image`` (B, C_img, H, W) -> ``latent_mean``, ``latent_logvar`` (B, C_lat, H/f, W/f).
   The posterior's moments, unscaled; the engine applies the manifest's latent shift/scale and decides between the
@@ -34,6 +34,11 @@ class GraphSpec:
     def file(self) -> str:
         """File name of the graph inside a bundle."""
         return f"{self.name}.onnx"
+
+    def rank(self, tensor: str) -> int:
+        """Number of axes of input or output ``tensor``: 1 for ``timestep`` (B,), else 4 (B, C, H, W); the last axis
+        of each is dynamic."""
+        return max(self.dynamic_axes[tensor]) + 1
 
 
 _IMAGE_AXES = {0: "batch", 2: "height", 3: "width"}

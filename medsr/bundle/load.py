@@ -1,8 +1,9 @@
-"""Reading and validating an exported model bundle: the contract between export and engine (DESIGN.md).
+"""Opening an exported model bundle and checking it against its manifest (docs/bundle.md).
 
-A bundle is a directory holding ``medsr.json`` (the manifest) and the three ONNX graphs of medsr.bundle.graphs.
-Nothing is trusted unchecked: an unknown format version, a missing field, a graph whose sha256 or I/O names differ
-from the manifest is refused with a BundleError that names the mismatch.
+A bundle is a directory holding ``medsr.json`` (the manifest, medsr.bundle.manifest) and the three ONNX graphs of
+medsr.bundle.graphs. Nothing is trusted unchecked: the whole manifest is parsed and validated before anything else
+(an unknown format version, a missing, unknown or out-of-range field is refused naming the file and the field), then
+every graph must exist and match its sha256; each mismatch is a BundleError that names it.
 """
 
 from __future__ import annotations
@@ -10,18 +11,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from medsr.bundle.conditioning import Conditioning
-from medsr.bundle.graphs import GRAPHS
+from medsr.bundle.manifest import GraphEntry, Manifest
 from medsr.errors import BundleError
 
-FORMAT_VERSION = 1
 MANIFEST_NAME = "medsr.json"
-_REQUIRED_SECTIONS = ("format_version", "name", "task", "vae", "denoiser", "scheduler", "graphs", "provenance")
-_TASK_FIELDS = ("scale", "image_channels", "lr_multiple", "intensity")
-_VAE_FIELDS = ("downsample_factor", "latent_channels", "scaling_factor", "shift_factor", "lr_latent")
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -34,100 +32,68 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 
 @dataclass(frozen=True)
-class GraphEntry:
-    """One graph as the manifest records it."""
-
-    name: str
-    path: Path
-    sha256: str
-    opset: int
-    precision: str
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
-
-
-@dataclass(frozen=True)
 class Bundle:
-    """A validated bundle. ``manifest`` is the parsed medsr.json; the properties are its most used fields."""
+    """A validated bundle: its directory and its typed manifest. The properties are the fields the engine reads
+    everywhere (sizes and the conditioning convention); everything else is ``bundle.manifest.<section>.<field>``."""
 
     root: Path
-    manifest: dict
-    graphs: dict[str, GraphEntry]
+    manifest: Manifest
+
+    @property
+    def graphs(self) -> Mapping[str, GraphEntry]:
+        """The manifest's graph entries by name, each with the ``path`` of its file."""
+        return self.manifest.graphs
 
     @property
     def name(self) -> str:
-        return self.manifest["name"]
+        return self.manifest.name
 
     @property
     def scale(self) -> int:
-        return int(self.manifest["task"]["scale"])
+        return self.manifest.task.scale
 
     @property
     def image_channels(self) -> int:
-        return int(self.manifest["task"]["image_channels"])
+        return self.manifest.task.image_channels
 
     @property
     def lr_multiple(self) -> int:
         """LR height and width are padded to a multiple of this before encoding."""
-        return int(self.manifest["task"]["lr_multiple"])
+        return self.manifest.task.lr_multiple
 
     @property
     def vae_factor(self) -> int:
-        return int(self.manifest["vae"]["downsample_factor"])
+        return self.manifest.vae.downsample_factor
 
     @property
     def latent_channels(self) -> int:
-        return int(self.manifest["vae"]["latent_channels"])
+        return self.manifest.vae.latent_channels
 
     @property
     def conditioning(self) -> Conditioning:
         """How the denoiser sees the LR slice (medsr.bundle.conditioning)."""
-        return Conditioning.from_manifest(self.manifest["denoiser"])
-
-    @property
-    def scheduler(self) -> dict:
-        """The SchedulerConfig fields (medsr.engine.schedulers) the model was trained for."""
-        return dict(self.manifest["scheduler"])
+        return self.manifest.denoiser.conditioning
 
     def graph_path(self, name: str) -> Path:
         return self.graphs[name].path
 
 
-def _require(mapping: dict, fields: tuple[str, ...], where: str, manifest_path: Path) -> None:
-    missing = [key for key in fields if key not in mapping]
-    if missing:
-        raise BundleError(f"{manifest_path}: missing field(s) {', '.join(missing)} in {where}")
-
-
-def _graph_entry(root: Path, manifest_path: Path, name: str, record: dict, verify_hashes: bool) -> GraphEntry:
-    _require(record, ("file", "sha256", "opset", "precision", "inputs", "outputs"), f"graphs.{name}", manifest_path)
-    path = root / record["file"]
-    if not path.is_file():
-        raise BundleError(f"{root}: graph {name} is missing ({record['file']} not found)")
-    spec = GRAPHS[name]
-    inputs = tuple(item["name"] for item in record["inputs"])
-    outputs = tuple(item["name"] for item in record["outputs"])
-    if inputs != spec.inputs or outputs != spec.outputs:
-        raise BundleError(
-            f"{manifest_path}: graph {name} has inputs {inputs} and outputs {outputs}; "
-            f"this medsr expects {spec.inputs} -> {spec.outputs}"
-        )
-    if verify_hashes:
-        actual = sha256_file(path)
-        if actual != record["sha256"]:
-            raise BundleError(
-                f"{path}: sha256 mismatch: manifest says {record['sha256'][:16]}..., file is {actual[:16]}... "
-                "(the graph was modified or corrupted after export)"
-            )
-    return GraphEntry(name, path, record["sha256"], int(record["opset"]), record["precision"], inputs, outputs)
+def read_manifest(path: str | os.PathLike) -> Manifest:
+    """Parse and validate the manifest file ``path`` (see medsr.bundle.manifest)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path}: unreadable manifest: {exc}") from exc
+    return Manifest.from_dict(data, path)
 
 
 def load_bundle(path: str | os.PathLike, verify_hashes: bool = True) -> Bundle:
-    """Read ``path/medsr.json`` and check it against the format and the graph files.
+    """Read ``path/medsr.json``, validate every field, and check the graph files against it.
 
     Raises:
-        BundleError: missing directory or manifest, unreadable JSON, unknown format version, missing fields,
-            unknown or missing graphs, I/O names that differ from medsr.bundle.graphs, sha256 mismatch.
+        BundleError: missing directory or manifest, unreadable JSON, any bad manifest field (naming the file and the
+            field), a graph file that is missing or whose sha256 differs from the manifest.
     """
     root = Path(path)
     manifest_path = root / MANIFEST_NAME
@@ -135,38 +101,22 @@ def load_bundle(path: str | os.PathLike, verify_hashes: bool = True) -> Bundle:
         raise BundleError(f"{root}: model bundle directory not found")
     if not manifest_path.is_file():
         raise BundleError(f"{root}: not a medsr bundle ({MANIFEST_NAME} not found)")
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{manifest_path}: unreadable manifest: {exc}") from exc
-    if not isinstance(manifest, dict):
-        raise BundleError(f"{manifest_path}: manifest must be a JSON object")
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise BundleError(
-            f"{manifest_path}: unknown format_version {version!r}; this medsr reads version {FORMAT_VERSION}"
-        )
-    _require(manifest, _REQUIRED_SECTIONS, "the manifest", manifest_path)
-    _require(manifest["task"], _TASK_FIELDS, "task", manifest_path)
-    _require(manifest["vae"], _VAE_FIELDS, "vae", manifest_path)
-    _require(manifest["denoiser"], ("prediction_type",), "denoiser", manifest_path)
-    try:
-        Conditioning.from_manifest(manifest["denoiser"])
-    except BundleError as exc:
-        raise BundleError(f"{manifest_path}: {exc}") from None
-    unknown = sorted(set(manifest["graphs"]) - set(GRAPHS))
-    missing = sorted(set(GRAPHS) - set(manifest["graphs"]))
-    if unknown or missing:
-        raise BundleError(f"{manifest_path}: graphs must be {sorted(GRAPHS)}; missing {missing}, unknown {unknown}")
-    graphs = {
-        name: _graph_entry(root, manifest_path, name, record, verify_hashes)
-        for name, record in manifest["graphs"].items()
-    }
-    return Bundle(root=root, manifest=manifest, graphs=graphs)
+    manifest = read_manifest(manifest_path)
+    for name, entry in manifest.graphs.items():
+        if not entry.path.is_file():
+            raise BundleError(f"{root}: graph {name} is missing ({entry.file} not found)")
+        if verify_hashes:
+            actual = sha256_file(entry.path)
+            if actual != entry.sha256:
+                raise BundleError(
+                    f"{entry.path}: sha256 mismatch: manifest says {entry.sha256[:16]}..., file is {actual[:16]}... "
+                    "(the graph was modified or corrupted after export)"
+                )
+    return Bundle(root=root, manifest=manifest)
 
 
-def write_manifest(root: str | os.PathLike, manifest: dict) -> Path:
-    """Write ``manifest`` as ``root/medsr.json`` (indented, key order kept)."""
+def write_manifest(root: str | os.PathLike, manifest: Manifest) -> Path:
+    """Write ``manifest`` as ``root/medsr.json`` (indented, in the manifest's key order)."""
     path = Path(root) / MANIFEST_NAME
-    path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    path.write_text(json.dumps(manifest.to_dict(), indent=2) + "\n", encoding="utf-8")
     return path

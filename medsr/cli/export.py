@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from medsr.cli.common import medsr_errors, run_command
+from medsr.cli.common import medsr_errors, run_command, torch_reference
+from medsr.engine.precision import PRECISIONS
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -12,6 +13,12 @@ from medsr.cli.common import medsr_errors, run_command
 @click.option("--weights", type=click.Path(dir_okay=False), help="safetensors file with vae.* and unet.* weights.")
 @click.option("--vae-weights", type=click.Path(), help="The preset's published VAE (MedVAE .ckpt, SD-VAE folder/file).")
 @click.option("--unet-weights", type=click.Path(dir_okay=False), help="A latent-sr denoiser .ckpt.")
+@click.option(
+    "--objective-from-weights",
+    is_flag=True,
+    help="Sample under the scheduler --weights was trained with (medsr-train records it) instead of refusing "
+    "weights trained for another objective than the preset's.",
+)
 @click.option(
     "--random-init", is_flag=True, help="Random weights for whatever no file gives (tests, benchmarks); recorded."
 )
@@ -27,9 +34,9 @@ from medsr.cli.common import medsr_errors, run_command
 @click.option(
     "--trt",
     "trt_precision",
-    type=click.Choice(("fp32", "tf32", "fp16", "bf16")),
-    help="Also build TensorRT plans in this precision into the bundle's engines/ cache (needs TensorRT and a GPU; "
-    "checked before anything is exported).",
+    type=click.Choice(PRECISIONS["trt"]),
+    help="Also build TensorRT plans in this precision into the engine cache ($MEDSR_CACHE, else ~/.cache/medsr; "
+    "needs TensorRT and a GPU, checked before anything is exported).",
 )
 @click.option(
     "--trt-shape",
@@ -40,12 +47,13 @@ from medsr.cli.common import medsr_errors, run_command
 )
 @medsr_errors
 def export(
-    preset_name, weights, vae_weights, unet_weights, random_init, seed, output, overwrite, validate, trt_precision,
-    trt_shape,
+    preset_name, weights, vae_weights, unet_weights, objective_from_weights, random_init, seed, output, overwrite,
+    validate, trt_precision, trt_shape,
 ):
     """Export the VAE encoder, VAE decoder and denoiser of a model as a validated ONNX bundle."""
     from medsr.errors import InputError
     from medsr.export.builder import build_models
+    from medsr.export.objective import with_trained_objective
     from medsr.export.onnx import export_bundle
     from medsr.export.presets import get_preset
 
@@ -56,6 +64,8 @@ def export(
             "(which may complete one of --vae-weights/--unet-weights)"
         )
     preset = get_preset(preset_name)
+    if objective_from_weights:
+        preset = with_trained_objective(preset, weights)
     if trt_precision:
         _require_tensorrt()
     vae, unet, provenance = build_models(
@@ -80,7 +90,7 @@ def _require_tensorrt() -> None:
 
 
 def _build_trt_plans(path, precision: str, batch: int, lr_height: int, lr_width: int) -> None:
-    """Build (or find up to date) one static plan per graph for this slice size, in the bundle's plan cache."""
+    """Build (or find up to date) one static plan per graph for this slice size, in the engine cache."""
     from medsr.bundle import load_bundle
     from medsr.engine.profiles import static_profiles
     from medsr.engine.trt import open_trt_sessions
@@ -96,20 +106,23 @@ def _build_trt_plans(path, precision: str, batch: int, lr_height: int, lr_width:
 def _export_validated(vae, unet, preset, output, provenance, overwrite):
     """Export into a staging directory, run the parity gate on it, record the figures in its manifest and only
     then move it to ``output``; a failing bundle is deleted with the staging directory."""
+    import dataclasses
+
     from medsr.bundle import load_bundle, write_manifest
     from medsr.errors import BundleError
     from medsr.eval.harness import validate_bundle
     from medsr.export.onnx import write_bundle
     from medsr.io.atomic import atomic_dir
 
+    torch_reference()
     with atomic_dir(output, overwrite=overwrite) as staging:
         write_bundle(vae, unet, preset, staging, provenance)
         run = validate_bundle(staging)
         if not run.passed:
             raise BundleError(f"{output}: not written: the exported bundle fails parity: {run.failure()}")
         manifest = load_bundle(staging).manifest
-        manifest["validation"]["parity"] = run.to_dict()
-        write_manifest(staging, manifest)
+        validation = {**manifest.validation, "parity": run.to_dict()}
+        write_manifest(staging, dataclasses.replace(manifest, validation=validation))
     click.echo(f"parity: every stage >= {run.threshold_db:g} dB (final {run.report.final.psnr_db:.1f} dB)")
     return output
 

@@ -1,7 +1,7 @@
 """Fair baselines and data consistency: making a super-resolved image agree with the measured LR image.
 
 Everything here uses the operators of :mod:`medsr.degrade.operators` and so their one geometry (LR pixel i on HR
-pixel centre s*i + (s-1)/2, REFERENCE.md section 7). Arrays are (..., H, W) HR and (..., H/s, W/s) LR; leading dims
+pixel centre s*i + (s-1)/2, docs/conventions.md). Arrays are (..., H, W) HR and (..., H/s, W/s) LR; leading dims
 broadcast. Results keep the SR image's dtype (float32 stays float32).
 """
 
@@ -23,6 +23,8 @@ from medsr.errors import InputError, ShapeError
 
 #: Methods of :func:`upsample_baseline`.
 BASELINES = ("zerofill", "bicubic", "lanczos")
+#: Modes of :func:`apply_consistency`.
+CONSISTENCY_MODES = ("none", "kspace", "backproject")
 
 
 def upsample_baseline(lr, method: str, scale: int) -> np.ndarray:
@@ -31,7 +33,7 @@ def upsample_baseline(lr, method: str, scale: int) -> np.ndarray:
     ``"zerofill"`` is zero-filled k-space (sinc) interpolation, the pseudo-inverse of the ``kspace`` operator: the
     fair baseline for MRI-like LR. ``"bicubic"`` and ``"lanczos"`` interpolate as PIL's ``resize`` enlarges (Keys
     a = -0.5 / Lanczos-3, taps outside the image dropped and renormalised). All put LR pixel i on HR centre
-    s*i + (s-1)/2, so a baseline is not penalised by a shift (REFERENCE.md section 7).
+    s*i + (s-1)/2, so a baseline is not penalised by a shift (docs/sources.md, "Degradations and fair baselines").
     """
     scale = check_scale(scale)
     if method not in BASELINES:
@@ -120,6 +122,35 @@ def backproject(sr, lr, op: Degradation, iterations: int = 10, tol: float = 1e-3
         p = r + _ratio(rr_next, rr, active) * p
         rr = rr_next
     return x
+
+
+def check_consistency(mode: str, op: Degradation) -> None:
+    """Refuse a consistency ``mode`` that is unknown or that cannot make A(sr) = lr for the degradation ``op``:
+    ``"kspace"`` replaces a central k-space block, so it needs the ``kspace`` operator; ``"backproject"`` and
+    ``"none"`` work with any."""
+    if mode not in CONSISTENCY_MODES:
+        raise InputError(f"consistency must be one of {', '.join(CONSISTENCY_MODES)}, got {mode!r}")
+    if mode == "kspace" and not isinstance(op, KSpaceTruncation):
+        raise InputError(
+            f"consistency 'kspace' needs the 'kspace' degradation, but the LR was made by {op.name!r}; "
+            "use 'backproject'"
+        )
+
+
+def apply_consistency(sr, lr, mode: str, op: Degradation) -> np.ndarray:
+    """Make ``sr`` (..., H, W) agree with the measured ``lr`` (..., H/s, W/s) under the degradation ``op`` that
+    made it, with all of op's parameters (e.g. the k-space window):
+
+    - ``"kspace"``: :func:`kspace_consistency` with op's window and alpha (the exact projection, A(result) = lr);
+    - ``"backproject"``: :func:`backproject` through op;
+    - ``"none"``: ``sr`` as it is.
+    """
+    check_consistency(mode, op)
+    if mode == "kspace":
+        return kspace_consistency(sr, lr, op.scale, window=op.window, alpha=op.alpha)
+    if mode == "backproject":
+        return backproject(sr, lr, op)
+    return sr
 
 
 def consistency_residual(sr, lr, op: Degradation) -> np.ndarray:

@@ -4,7 +4,7 @@ Every operator of :mod:`medsr.degrade` is separable: on an image ``x`` of shape 
 ``M_H @ x @ M_W.T`` with ``M_n`` the (n // s, n) matrix of one axis built here, so its adjoint is exactly the
 transpose. Matrices are float64, read-only (they are shared through the cache) and indexed ``[lr, hr]``.
 
-Geometry (REFERENCE.md section 7): HR pixel j covers [j, j + 1) in edge coordinates, so its centre is j + 0.5;
+Geometry (docs/conventions.md): HR pixel j covers [j, j + 1) in edge coordinates, so its centre is j + 0.5;
 LR pixel i covers HR [s*i, s*i + s) and sits on HR pixel centre s*i + (s-1)/2.
 """
 
@@ -47,7 +47,7 @@ def resample_matrix(n_in: int, n_out: int, kernel: str) -> np.ndarray:
     Output pixel o sits at input edge coordinate (o + 0.5) * n_in / n_out (the shared centre-aligned geometry).
     When shrinking, the kernel is stretched by n_in / n_out so that it also low-passes (antialiasing, as PIL); when
     enlarging it is used as is. Boundary: taps that fall outside the image are dropped and each row is
-    renormalised to sum to 1, which is PIL's rule (the paper made its LR images with PIL, REFERENCE.md section 1);
+    renormalised to sum to 1, which is PIL's rule (the paper made its LR images with PIL, docs/sources.md, "The method");
     it keeps constants constant, and differs from a symmetric reflection only within the kernel's reach of the
     border (2 output pixels for bicubic, 3 for Lanczos).
     """
@@ -100,7 +100,7 @@ def kspace_matrices(n_hr: int, scale: int, window: str | None, alpha: float | No
         (T x)[i] = (1/N) sum_{|k| <= n/2} a_k X[k] exp(2 pi i k (s*i + d) / N),
 
     i.e. the HR signal truncated to its central band and sampled at the LR pixel centres. The phase ramp
-    exp(2 pi i k d / N) is the (s-1)/2 shift of REFERENCE.md section 7 that puts LR pixel i on HR centre s*i + d
+    exp(2 pi i k d / N) is the (s-1)/2 shift of docs/conventions.md that puts LR pixel i on HR centre s*i + d
     instead of s*i. A constant keeps its value (a_0 = 1). For an even n_lr the LR Nyquist frequency n/2 is measured
     by both HR frequencies +n/2 and -n/2 folded together, as sampling does (scipy.signal.resample's convention);
     this keeps the output real, and a band-limited row (X[k] = 0 for |k| >= n/2) is sampled exactly.

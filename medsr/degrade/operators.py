@@ -1,8 +1,8 @@
 """The degradation operators A: HR (..., H, W) -> LR (..., H/s, W/s), with their exact adjoints.
 
-All four share one geometry: LR pixel i sits on HR pixel centre s*i + (s-1)/2 (REFERENCE.md section 7; the
+All four share one geometry: LR pixel i sits on HR pixel centre s*i + (s-1)/2 (docs/conventions.md; the
 centre-aligned convention of PIL/OpenCV resizing, area averaging, F.interpolate(align_corners=False) and the affine
-update of REFERENCE.md section 3). Each is linear and separable, applied as ``M_H @ x @ M_W.T`` with the cached
+update of docs/conventions.md). Each is linear and separable, applied as ``M_H @ x @ M_W.T`` with the cached
 one-axis matrices of :mod:`medsr.degrade.matrices`; the adjoint uses the transposes, so <A x, y> = <x, A^T y> holds
 to rounding. A constant image keeps its value under every operator.
 """
@@ -102,8 +102,10 @@ class Degradation(abc.ABC):
         return apply_separable(y, self.matrix(h * self.scale).T, self.matrix(w * self.scale).T)
 
     def to_dict(self) -> dict:
-        """JSON-able ``{"name": ..., "scale": ..., **params}``; :func:`degradation_from_dict` inverts it."""
-        return {"name": self.name, **dataclasses.asdict(self)}
+        """JSON-able ``{"name": ..., "scale": ..., **params}`` without the parameters left at None (the manifest's
+        ``task.degradation``); :func:`degradation_from_dict` inverts it."""
+        params = {key: value for key, value in dataclasses.asdict(self).items() if value is not None}
+        return {"name": self.name, **params}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,8 +113,9 @@ class KSpaceTruncation(Degradation):
     """MRI-like LR: keep the central (H/s, W/s) block of the 2D Fourier transform, centre-aligned.
 
     Per axis this is :func:`medsr.degrade.matrices.kspace_matrices`: the HR image truncated to |k| <= n/2 (n the LR
-    size) and sampled at the LR pixel centres, the (s-1)/2 shift done by a Fourier phase ramp (REFERENCE.md
-    section 7). The usual crop of ``fftshift(fft2(hr))`` would put LR pixel i on HR pixel s*i instead.
+    size) and sampled at the LR pixel centres, the (s-1)/2 shift done by a Fourier phase ramp (docs/sources.md,
+    "Degradations and fair baselines"). The usual crop of ``fftshift(fft2(hr))`` would put LR pixel i on HR pixel
+    s*i instead.
 
     Parameters
     ----------
@@ -195,7 +198,7 @@ def make_degradation(name: str, scale: int, **params) -> Degradation:
 
     Raises InputError for an unknown name, scale or parameter, naming what is accepted.
     """
-    if name not in OPERATORS:
+    if not isinstance(name, str) or name not in OPERATORS:
         raise InputError(f"unknown degradation {name!r}; expected one of {sorted(OPERATORS)}")
     cls = OPERATORS[name]
     accepted = [f.name for f in dataclasses.fields(cls) if f.name != "scale"]

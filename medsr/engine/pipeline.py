@@ -17,26 +17,24 @@ from dataclasses import dataclass
 import numpy as np
 
 from medsr.bundle import Bundle
-from medsr.degrade import backproject, consistency_residual, degradation_from_dict, kspace_consistency
+from medsr.degrade import apply_consistency, check_consistency, consistency_residual
 from medsr.engine.schedulers import SchedulerConfig, make_scheduler
 from medsr.engine.sessions import Session
 from medsr.engine.tiling import check_tile_options, super_resolve_tiled
-from medsr.errors import InputError, NonFiniteError, ShapeError
+from medsr.errors import NonFiniteError, ShapeError
 
 # trace(stage, slice_indices, array): called with each intermediate stage of each batch, for the parity harness.
 Trace = Callable[[str, Sequence[int], np.ndarray], None]
-
-
-CONSISTENCY_MODES = ("none", "kspace", "backproject")
 
 
 @dataclass(frozen=True)
 class SamplingOptions:
     """How to sample. None means the bundle's choice: its default steps, its LR-latent mode, its consistency.
 
-    ``consistency``: after decoding, make the SR slice agree with the measured LR slice (medsr.degrade):
-    ``"kspace"`` replaces the SR's central k-space block by the LR's; ``"backproject"`` iterates back-projection
-    through the bundle's degradation operator; ``"none"`` leaves the decoder output as it is.
+    ``consistency``: after decoding, make the SR slice agree with the measured LR slice through the bundle's
+    degradation operator, with all its parameters (medsr.degrade.apply_consistency): ``"kspace"`` replaces the SR's
+    central k-space block by the LR's (a ``kspace`` degradation only); ``"backproject"`` iterates back-projection;
+    ``"none"`` leaves the decoder output as it is.
 
     ``tile_size``: slices with a side longer than this many LR pixels run in overlapping tiles of that size, sharing
     at least ``tile_overlap`` LR pixels, blended in the SR domain (medsr.engine.tiling); None never tiles.
@@ -55,7 +53,7 @@ class SamplingOptions:
 @dataclass(frozen=True)
 class SRResult:
     """SR slices (N, s*h, s*w) float32 in the model range, and the consistency residual ||A(SR) - LR|| / ||LR|| of
-    each slice (N,) under the bundle's degradation operator (k-space truncation when the bundle names none)."""
+    each slice (N,) under the bundle's degradation operator (``bundle.manifest.task.degradation``)."""
 
     images: np.ndarray
     residuals: np.ndarray
@@ -90,13 +88,11 @@ class LatentSRPipeline:
     def __init__(self, bundle: Bundle, sessions: dict[str, Session], scheduler_config: SchedulerConfig | None = None):
         self.bundle = bundle
         self.sessions = sessions
-        self.scheduler_config = scheduler_config or SchedulerConfig.from_dict(bundle.scheduler)
-        vae = bundle.manifest["vae"]
-        self.scaling_factor = float(vae["scaling_factor"])
-        self.shift_factor = float(vae["shift_factor"])
+        self.scheduler_config = scheduler_config or bundle.manifest.scheduler
+        self.scaling_factor = bundle.manifest.vae.scaling_factor
+        self.shift_factor = bundle.manifest.vae.shift_factor
         self.conditioning = bundle.conditioning
-        degradation = bundle.manifest["task"].get("degradation") or {"name": "kspace", "scale": bundle.scale}
-        self.degradation = degradation_from_dict(degradation)
+        self.degradation = bundle.manifest.task.degradation
 
     def super_resolve(
         self,
@@ -119,9 +115,8 @@ class LatentSRPipeline:
             raise ShapeError(f"expected LR slices shaped (N, H, W), got {lr.shape}")
         if options.batch_size < 1:
             raise ShapeError(f"batch size must be >= 1, got {options.batch_size}")
-        consistency = options.consistency or self.bundle.manifest["task"].get("consistency", "none")
-        if consistency not in CONSISTENCY_MODES:
-            raise InputError(f"consistency must be one of {', '.join(CONSISTENCY_MODES)}, got {consistency!r}")
+        consistency = options.consistency or self.bundle.manifest.task.consistency
+        check_consistency(consistency, self.degradation)
         scale = self.bundle.scale
         out = np.empty((lr.shape[0], lr.shape[1] * scale, lr.shape[2] * scale), dtype=np.float32)
         if options.tile_size is not None and max(lr.shape[1:]) > options.tile_size:
@@ -152,11 +147,7 @@ class LatentSRPipeline:
 
     def enforce_consistency(self, sr: np.ndarray, lr: np.ndarray, mode: str) -> np.ndarray:
         """Data consistency of (B, s*h, s*w) SR slices with their (B, h, w) LR slices (see SamplingOptions)."""
-        if mode == "kspace":
-            return kspace_consistency(sr, lr, self.bundle.scale)
-        if mode == "backproject":
-            return backproject(sr, lr, self.degradation)
-        return sr
+        return apply_consistency(sr, lr, mode, self.degradation)
 
     def _super_resolve_batch(
         self, lr: np.ndarray, indices: list[int], options: SamplingOptions, trace: Trace | None
@@ -166,7 +157,7 @@ class LatentSRPipeline:
         padded = pad_to_multiple(lr, self.bundle.lr_multiple)
         image = np.repeat(self.conditioning.image(padded, scale)[:, None], channels, axis=1)
         rngs = [np.random.default_rng([options.seed, index]) for index in indices]
-        z_lr = self.encode(image, rngs, options.lr_latent or self.bundle.manifest["vae"]["lr_latent"])
+        z_lr = self.encode(image, rngs, options.lr_latent or self.bundle.manifest.vae.lr_latent)
         _emit(trace, "lr_latent", indices, z_lr)
         latent = self.denoise(z_lr, rngs, options.steps, indices, trace)
         _emit(trace, "final_latent", indices, latent)

@@ -88,7 +88,7 @@ def super_resolve_tiled(pipeline, lr: np.ndarray, index: int, options, size: int
     boxes = [(y, x) for y in rows for x in cols]
     rng = np.random.default_rng([options.seed, index])
     channels = bundle.latent_channels
-    lr_latent = options.lr_latent or bundle.manifest["vae"]["lr_latent"]
+    lr_latent = options.lr_latent or bundle.manifest.vae.lr_latent
     zoom = pipeline.conditioning.zoom(scale)  # conditioning image size / LR size
     eps = None
     if lr_latent == "sample":

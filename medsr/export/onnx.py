@@ -1,8 +1,9 @@
-"""Export of the three bundle graphs to ONNX, validated against PyTorch, written as a bundle (DESIGN.md).
+"""Export of the three bundle graphs to ONNX, validated against PyTorch, written as a bundle (docs/bundle.md).
 
 Uses the legacy TorchScript exporter (``dynamo=False``, opset 17, ``dynamic_axes``): it exports diffusers'
 AutoencoderKL and UNet2DModel with dynamic batch, height and width and agrees with PyTorch to about 1e-6
-(REFERENCE.md section 5), where the dynamo exporter needs extra care with batch-1 examples and external data.
+(docs/sources.md, "Packages and exporters"), where the dynamo exporter needs extra care with batch-1 examples and
+external data.
 """
 
 from __future__ import annotations
@@ -18,8 +19,20 @@ import torch
 import medsr
 from medsr.bundle import FORMAT_VERSION, sha256_file, write_manifest
 from medsr.bundle.graphs import GRAPHS, GraphSpec
+from medsr.bundle.manifest import (
+    Denoiser,
+    GraphEntry,
+    IntensityWindow,
+    Manifest,
+    Provenance,
+    Task,
+    TensorSpec,
+    TorchReference,
+    Vae,
+)
+from medsr.degrade import degradation_from_dict
+from medsr.engine.compare import compare_arrays
 from medsr.engine.schedulers import SchedulerConfig
-from medsr.eval.parity import compare_arrays
 from medsr.export.models import graph_modules
 from medsr.export.presets import Preset
 from medsr.io.atomic import atomic_dir
@@ -115,55 +128,57 @@ def validate_graph(module: torch.nn.Module, spec: GraphSpec, path: Path, inputs:
     }
 
 
-def _graph_record(spec: GraphSpec, path: Path, inputs: dict[str, torch.Tensor]) -> dict:
-    def axes(name: str, rank: int) -> list:
+def _graph_record(spec: GraphSpec, path: Path) -> GraphEntry:
+    def tensor(name: str, rank: int) -> TensorSpec:
         named = spec.dynamic_axes.get(name, {})
-        return [named.get(i, None) for i in range(rank)]
+        return TensorSpec(name, "float32", tuple(named.get(i, None) for i in range(rank)))
 
-    return {
-        "file": spec.file,
-        "sha256": sha256_file(path),
-        "opset": OPSET,
-        "precision": "fp32",
-        "inputs": [{"name": n, "dtype": "float32", "shape": axes(n, inputs[n].dim())} for n in spec.inputs],
-        "outputs": [
-            {"name": n, "dtype": "float32", "shape": axes(n, 1 if n == "timestep" else 4)} for n in spec.outputs
-        ],
-    }
+    return GraphEntry(
+        name=spec.name,
+        file=spec.file,
+        sha256=sha256_file(path),
+        opset=OPSET,
+        precision="fp32",
+        inputs=tuple(tensor(n, spec.rank(n)) for n in spec.inputs),
+        outputs=tuple(tensor(n, spec.rank(n)) for n in spec.outputs),
+        path=path,
+    )
 
 
-def build_manifest(preset: Preset, graphs: dict, validation: dict, provenance: dict, reference: dict) -> dict:
-    """The medsr.json of a bundle exported from ``preset`` (format of DESIGN.md)."""
-    return {
-        "format_version": FORMAT_VERSION,
-        "name": preset.name,
-        "description": preset.description,
-        "medsr_version": medsr.__version__,
-        "task": {
-            "scale": preset.scale,
-            "image_channels": preset.image_channels,
-            "lr_multiple": preset.lr_multiple,
-            "intensity": {"range": [-1.0, 1.0], **preset.intensity},
-            "degradation": preset.degradation,
-            "consistency": preset.consistency,
-        },
-        "vae": {
-            "downsample_factor": preset.vae_factor,
-            "latent_channels": preset.latent_channels,
-            "scaling_factor": preset.latent_scaling_factor,
-            "shift_factor": preset.latent_shift_factor,
-            "lr_latent": preset.lr_latent,
-        },
-        "denoiser": {
-            "prediction_type": preset.scheduler["prediction_type"],
-            **preset.conditioning.to_manifest(),
-        },
-        "scheduler": SchedulerConfig(**preset.scheduler).to_dict(),
-        "graphs": graphs,
-        "provenance": provenance,
-        "validation": validation,
-        "torch_reference": reference,
-    }
+def build_manifest(
+    preset: Preset, graphs: dict[str, GraphEntry], validation: dict, provenance: dict, reference: dict
+) -> Manifest:
+    """The typed medsr.json of a bundle exported from ``preset`` (docs/bundle.md); ``provenance`` and ``reference``
+    are the JSON objects of those sections (weights, recipe, training data, objective; the PyTorch reference)."""
+    scheduler = SchedulerConfig(**preset.scheduler)
+    degradation = preset.degradation and degradation_from_dict(preset.degradation)
+    return Manifest(
+        format_version=FORMAT_VERSION,
+        name=preset.name,
+        description=preset.description,
+        medsr_version=medsr.__version__,
+        task=Task(
+            scale=preset.scale,
+            image_channels=preset.image_channels,
+            lr_multiple=preset.lr_multiple,
+            intensity=IntensityWindow(**preset.intensity),
+            degradation=degradation,
+            consistency=preset.consistency,
+        ),
+        vae=Vae(
+            downsample_factor=preset.vae_factor,
+            latent_channels=preset.latent_channels,
+            scaling_factor=preset.latent_scaling_factor,
+            shift_factor=preset.latent_shift_factor,
+            lr_latent=preset.lr_latent,
+        ),
+        denoiser=Denoiser(scheduler.prediction_type, preset.conditioning),
+        scheduler=scheduler,
+        graphs=graphs,
+        provenance=Provenance.from_dict(provenance),
+        validation=validation,
+        torch_reference=TorchReference.from_dict(reference),
+    )
 
 
 def _save_torch_reference(vae, unet, preset: Preset, root: Path) -> dict:
@@ -207,7 +222,7 @@ def write_bundle(vae, unet, preset: Preset, directory: Path, provenance: dict) -
     for name, spec in GRAPHS.items():
         path = directory / spec.file
         export_graph(modules[name], spec, export_inputs[name], path)
-        graphs[name] = _graph_record(spec, path, export_inputs[name])
+        graphs[name] = _graph_record(spec, path)
         validation[name] = [validate_graph(modules[name], spec, path, check[name]) for check in checks]
     reference = _save_torch_reference(vae, unet, preset, directory)
     provenance = {
