@@ -173,6 +173,16 @@ def _nifti_files(root: Path) -> list[BadCase]:
     )
     enormous = _nifti_header_only(inp / "enormous.nii", (30000, 30000, 3000), np.int16)
     cases.append(BadCase("nifti_too_large_for_memory", [str(enormous)], "the available memory", str(enormous)))
+    line = write_nifti(inp / "line.nii", smooth_image((1, 1, 3)), np.diag([2.0, 2.0, 5.0, 1.0]))
+    cases.append(  # the default model takes planes of 2x2 and up: never switch to the 1x3 planes silently
+        BadCase(
+            "nifti_1x1_planes",
+            [str(line), "-o", str(root / "out" / "line.nii.gz")],
+            "planes of 1x1 pixels (axis 2 of 1x1x3)",
+            str(line),
+            own_model=True,
+        )
+    )
     four_d = write_nifti(inp / "four_d.nii", smooth_image((12, 12, 3, 2)), np.eye(4))
     cases.append(
         BadCase(

@@ -116,3 +116,14 @@ def test_precision_the_engine_cannot_run_is_refused(tiny_bundle, example4d_path,
     result = CliRunner().invoke(infer, args)
     assert result.exit_code == 1 and "--engine ort runs fp32 only" in result.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize("seed", ["-1", "-7"])
+def test_negative_seed_is_a_usage_error(tiny_bundle, example4d_path, tmp_path, seed):
+    """Seeds are non-negative (numpy's SeedSequence takes no negative entropy): refused before any work, exit 2."""
+    out = tmp_path / "out.nii.gz"
+    args = [str(example4d_path), "-o", str(out), "--model", str(tiny_bundle), "--frame", "0", "--seed", seed]
+    result = CliRunner().invoke(infer, args)
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '--seed': {seed} is not in the range x>=0" in result.output
+    assert "Traceback" not in result.output and not out.exists()

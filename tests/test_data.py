@@ -1,5 +1,6 @@
-"""Tests of medsr.data: reading through medsr.io (DICOM modality LUT, MONOCHROME1, PNG, TIFF), foreground slices,
-pairs that are exactly the degradation of their HR, aligned crops, and a split without file overlap."""
+"""Tests of medsr.data: reading through medsr.io and the engine's one preparation (DICOM modality LUT, MONOCHROME1,
+PNG, TIFF, display orientation), foreground slices, pairs that are exactly the degradation of their HR, aligned
+crops, and a split without file overlap."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medsr.data.images import load_image2d, load_source
+from medsr.data.images import load_source
 from medsr.data.pairs import (
     degradation_for,
     dihedral,
@@ -22,6 +23,9 @@ from medsr.data.pairs import (
 from medsr.data.sources import Source, check_disjoint, default_split, resolve_sources, source_from_path
 from medsr.degrade import make_degradation
 from medsr.errors import InputError, ShapeError
+
+#: The default preset's intensity window (percentiles).
+P = (0.5, 99.5)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +42,7 @@ def volume_path(tmp_path_factory) -> Path:
 
 def test_source_slices_skip_empty_and_normalize(volume_path):
     source = Source("vol", volume_path, "mri", axes=(2,))
-    slices = source_slices(source)
+    slices = source_slices(source, P)
     assert [s.index for s in slices] == list(range(2, 10))  # the 4 air slices are skipped
     assert all(s.image.shape == (40, 44) and s.image.dtype == np.float32 for s in slices)
     assert min(s.image.min() for s in slices) >= -1 and max(s.image.max() for s in slices) <= 1
@@ -46,7 +50,7 @@ def test_source_slices_skip_empty_and_normalize(volume_path):
 
 def test_source_slices_along_every_axis_and_box(volume_path):
     source = Source("vol", volume_path, "mri", axes=(0, 1, 2), box=(None, (0, 30), None))
-    shapes = {s.axis: s.image.shape for s in source_slices(source, min_size=8)}
+    shapes = {s.axis: s.image.shape for s in source_slices(source, P, min_size=8)}
     assert shapes == {0: (30, 12), 1: (40, 12), 2: (40, 30)}
 
 
@@ -63,7 +67,7 @@ def test_pair_is_the_degradation_of_hr(modality, operator, scale):
 
 
 def test_crops_are_aligned_windows_of_the_whole_slice_pair(volume_path):
-    slices = source_slices(Source("vol", volume_path, "mri", axes=(2,)))[:1]
+    slices = source_slices(Source("vol", volume_path, "mri", axes=(2,)), P)[:1]
     hr_full, lr_full = make_pair(slices[0].image, degradation_for("mri", 4))
     hr, lr, _ = random_crop_pairs(slices, 5, 16, 4, np.random.default_rng(2), augment=False)
     assert hr.shape == (5, 16, 16) and lr.shape == (5, 4, 4)
@@ -78,7 +82,7 @@ def test_crops_are_aligned_windows_of_the_whole_slice_pair(volume_path):
 
 
 def test_augmented_crops_pair_with_the_degradation_of_the_flipped_slice(volume_path):
-    slices = source_slices(Source("vol", volume_path, "mri", axes=(2,)))[:1]
+    slices = source_slices(Source("vol", volume_path, "mri", axes=(2,)), P)[:1]
     hr, lr, _ = random_crop_pairs(slices, 3, 40, 4, np.random.default_rng(3))
     for hr_crop, lr_crop in zip(hr, lr):
         matches = []
@@ -92,7 +96,7 @@ def test_augmented_crops_pair_with_the_degradation_of_the_flipped_slice(volume_p
 
 
 def test_crop_errors(volume_path):
-    slices = source_slices(Source("vol", volume_path, "mri", axes=(2,)))
+    slices = source_slices(Source("vol", volume_path, "mri", axes=(2,)), P)
     rng = np.random.default_rng(0)
     with pytest.raises(ShapeError, match="multiple of the scale"):
         random_crop_pairs(slices, 1, 18, 4, rng)
@@ -112,13 +116,11 @@ def test_dihedral_gives_eight_distinct_images():
 
 
 def test_load_source_frames(example4d_path, volume_path):
-    assert load_source(example4d_path, frame=1)[0].shape == (128, 96, 24)
+    assert load_source(example4d_path, P, frame=1).data.shape == (128, 96, 24)
     with pytest.raises(InputError, match="choose a frame"):
-        load_source(example4d_path)
+        load_source(example4d_path, P)
     with pytest.raises(InputError, match="3D image"):
-        load_source(volume_path, frame=1)
-    with pytest.raises(InputError, match="single 2D image"):
-        load_image2d(volume_path)
+        load_source(volume_path, P, frame=1)
 
 
 def _write_dicom(path: Path, pixels: np.ndarray, photometric: str, slope: float, intercept: float) -> None:
@@ -147,10 +149,13 @@ def test_dicom_modality_lut_and_monochrome1(tmp_path, photometric):
     path = tmp_path / "x.dcm"
     _write_dicom(path, pixels, photometric, slope=2.0, intercept=-100.0)
     values = pixels * 2.0 - 100.0
-    expected = values.max() + values.min() - values if photometric == "MONOCHROME1" else values
-    np.testing.assert_array_equal(load_image2d(path), expected)
-    # training sees it as medsr-infer does: bright = dense for both photometric interpretations
-    [item] = source_slices(Source("x", path, "xray"), min_size=4)
+    prepared = load_source(path, (0.0, 100.0))
+    np.testing.assert_array_equal(prepared.data[..., 0].T, values)  # medsr.io's (X = columns, Y = rows), stored units
+    # the network sees the rows and columns of the file, bright = dense for both photometric interpretations
+    dense = values.max() + values.min() - values if photometric == "MONOCHROME1" else values
+    expected = 2 * (dense - dense.min()) / (dense.max() - dense.min()) - 1
+    np.testing.assert_allclose(prepared.planes(2)[0][0], expected, atol=1e-6)
+    [item] = source_slices(Source("x", path, "xray"), P, min_size=4)
     assert item.image.shape == (4, 6)
     assert (item.image[-1, -1] > item.image[0, 0]) == (photometric == "MONOCHROME2")
 
@@ -160,29 +165,29 @@ def test_png_and_tiff(tmp_path):
 
     gray = (np.arange(48).reshape(6, 8) * 1000).astype(np.uint16)
     Image.fromarray(gray).save(tmp_path / "a.png")
-    np.testing.assert_array_equal(load_image2d(tmp_path / "a.png"), gray)
+    [plane], _ = load_source(tmp_path / "a.png", (0.0, 100.0)).planes(2)
+    np.testing.assert_allclose(plane, gray / gray.max() * 2 - 1, atol=1e-6)  # rows x columns, as stored
     values = np.random.default_rng(0).random((5, 7)).astype(np.float32)
     Image.fromarray(values).save(tmp_path / "b.tif")
-    np.testing.assert_array_equal(load_image2d(tmp_path / "b.tif"), values)
+    np.testing.assert_array_equal(load_source(tmp_path / "b.tif", P).data[..., 0].T, values)
     rgb = np.random.default_rng(1).integers(0, 255, (5, 7, 3), dtype=np.uint8)
     Image.fromarray(rgb).save(tmp_path / "c.png")
-    np.testing.assert_allclose(load_image2d(tmp_path / "c.png"), rgb.mean(axis=2))
     with pytest.raises(InputError, match="grayscale"):  # a training source must be an image medsr-infer reads
-        source_slices(Source("c", tmp_path / "c.png", "xray"), min_size=4)
+        source_slices(Source("c", tmp_path / "c.png", "xray"), P, min_size=4)
 
 
 def test_image_errors(tmp_path):
     with pytest.raises(InputError, match="not found"):
-        load_image2d(tmp_path / "missing.png")
+        load_source(tmp_path / "missing.png", P)
     (tmp_path / "x.jpg").write_bytes(b"")
     with pytest.raises(InputError, match="unknown image type"):
-        load_image2d(tmp_path / "x.jpg")
+        load_source(tmp_path / "x.jpg", P)
     (tmp_path / "bad.png").write_bytes(b"not a png")
     with pytest.raises(InputError, match="bad.png"):
-        load_image2d(tmp_path / "bad.png")
+        load_source(tmp_path / "bad.png", P)
     (tmp_path / "bad.dcm").write_bytes(b"not dicom")
     with pytest.raises(InputError, match="bad.dcm"):
-        load_image2d(tmp_path / "bad.dcm")
+        load_source(tmp_path / "bad.dcm", P)
 
 
 def test_default_split_has_no_file_overlap():

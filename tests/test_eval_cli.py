@@ -119,7 +119,7 @@ def test_fidelity_writes_per_image_rows_summaries_and_figures(fidelity_dir):
     for config in configs:
         summary = json.loads((out / f"fidelity_{config}.json").read_text())
         assert summary["config"] == config and len(summary["images"]) == 2 * len(data)
-        assert summary["summary"]["degradation"] == {"name": "kspace", "scale": 4, "window": None, "alpha": None}
+        assert summary["summary"]["degradation"] == {"name": "kspace", "scale": 4}
     assert len(list((out / "panels").glob("*.png"))) == 2 and (out / "bands.png").is_file()
     assert "| zerofill |" in (out / "summary.md").read_text() and "| tiny+kspace |" in log
 
@@ -196,3 +196,46 @@ def test_export_validate_refuses_to_keep_a_bundle_that_fails(tiny_bundle, tmp_pa
     assert result.exit_code == 1
     assert "not written" in result.output and "denoiser_output[0]" in result.output
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["parity", "fidelity", "compare"])
+def test_negative_seed_is_a_usage_error(command, tiny_bundle, tmp_path):
+    args = {
+        "parity": ["parity", "--model", tiny_bundle, "--size", "16", "--slices", "1"],
+        "fidelity": ["fidelity", "--model", tiny_bundle, "--data", "epi", "-o", tmp_path / "f"],
+        "compare": ["compare", tmp_path / "a.json", tmp_path / "b.json"],
+    }[command]
+    for name in ("a.json", "b.json"):
+        (tmp_path / name).write_text("{}")
+    result = _invoke([*args, "--seed", "-1"])
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for '--seed': -1 is not in the range x>=0" in result.output
+    assert not (tmp_path / "f").exists()
+
+
+def test_parity_on_tiled_slices_reports_only_what_it_compared(tiny_bundle, tmp_path):
+    """Slices longer than the tile size (128 LR pixels) run in tiles, whose intermediates are not traced: the report
+    lists the final image alone and says so, instead of claiming that every stage passed."""
+    out = tmp_path / "parity.json"
+    result = _invoke(
+        ["parity", "--model", tiny_bundle, "--data", "colin27-slab", "--slices", "1", "--size", "136", "--steps", "1"]
+        + ["-o", out]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert [s["stage"] for s in report["stages"]] == ["sr_image"]
+    assert "in tiles" in report["note"] and "only the final image" in report["note"]
+    assert "every stage" not in result.output
+    assert "parity passed: the final image (sr_image) >= 60 dB" in result.output
+    assert "only the final image" in result.output
+
+
+def test_parity_without_model_uses_the_bundled_default(tmp_path):
+    from medsr.models import DEFAULT_BUNDLE
+
+    out = tmp_path / "parity.json"
+    result = _invoke(["parity", "--slices", "1", "--size", "16", "-o", out])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["model"] == "default" and Path(report["bundle"]) == DEFAULT_BUNDLE
+    assert [s["stage"] for s in report["stages"]][-1] == "sr_image" and report["passed"]

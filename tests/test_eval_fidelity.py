@@ -22,6 +22,9 @@ from medsr.eval.compare import load_summary
 from medsr.eval.fidelity import AE_CONFIG, FidelitySettings, evaluate, measure, run_slice
 from medsr.eval.slices import EvalSlice, eval_sources, load_eval_slices, spread
 
+#: The tiny preset's intensity window (percentiles), which its bundle declares.
+PERCENTILES = (0.5, 99.5)
+
 
 @pytest.fixture(scope="module")
 def pipeline(tiny_bundle):
@@ -31,7 +34,7 @@ def pipeline(tiny_bundle):
 
 @pytest.fixture(scope="module")
 def epi_slices(example4d_path):
-    return load_eval_slices(eval_sources([example4d_path]), per_file=3)
+    return load_eval_slices(eval_sources([example4d_path]), PERCENTILES, per_file=3)
 
 
 def _settings(**kw):
@@ -39,10 +42,10 @@ def _settings(**kw):
 
 
 def test_ids_name_the_file_axis_and_slice_and_do_not_depend_on_other_inputs(example4d_path, tmp_path):
-    alone = load_eval_slices(eval_sources([example4d_path]), per_file=3)
+    alone = load_eval_slices(eval_sources([example4d_path]), PERCENTILES, per_file=3)
     other = tmp_path / "other.nii.gz"
     shutil.copyfile(example4d_path, other)
-    together = load_eval_slices(eval_sources([other, example4d_path]), per_file=3)
+    together = load_eval_slices(eval_sources([other, example4d_path]), PERCENTILES, per_file=3)
     assert [s.id for s in alone] == ["example4d_ax2_004", "example4d_ax2_012", "example4d_ax2_020"]
     assert [s.id for s in together][3:] == [s.id for s in alone]
     assert all(np.array_equal(a.image, b.image) for a, b in zip(alone, together[3:]))
@@ -53,7 +56,7 @@ def test_a_2d_image_is_one_slice_named_after_its_file(tmp_path):
     from PIL import Image
 
     Image.fromarray(np.tile(np.arange(64, dtype=np.uint8) * 4, (48, 1))).save(tmp_path / "ramp.png")
-    [item] = load_eval_slices(eval_sources([tmp_path / "ramp.png"]))
+    [item] = load_eval_slices(eval_sources([tmp_path / "ramp.png"]), PERCENTILES)
     assert (item.id, item.source, item.axis, item.index, item.image.shape) == ("ramp", "ramp", -1, -1, (48, 64))
 
 

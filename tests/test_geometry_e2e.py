@@ -1,4 +1,5 @@
-"""One geometry end to end (issue 8): a bright blob keeps its world position through medsr-infer."""
+"""One geometry end to end (the voxel-centre rule s*i + (s-1)/2 and its affine update, docs/conventions.md): a
+bright blob keeps its world position through medsr-infer."""
 
 from __future__ import annotations
 

@@ -3,6 +3,7 @@ back by independent readers (nibabel, SimpleITK, pydicom) and intensities checke
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import nibabel as nib
@@ -17,7 +18,7 @@ from PIL import Image
 from medsr.bundle import load_bundle
 from medsr.cli.infer import infer
 from medsr.engine.pipeline import SamplingOptions, SRResult
-from medsr.infer import super_resolve_volume
+from medsr.engine.volume import prepare_input, super_resolve_volume, window_percentiles
 from medsr.io.affine import grid_corners_world
 from medsr.io.dicom import load_dicom
 
@@ -123,10 +124,10 @@ def test_output_is_in_the_input_units(tiny_bundle, invert):
     """Normalization and its inverse around the model: the SR volume is the input in the input's units (HU here),
     inverted for the model and back for MONOCHROME1. Values outside the window reach the pipeline unclipped (it clips
     them for its networks only, and data consistency keeps the measured values)."""
-    data = load_dicom(ct5n_dir()).data
-    result = super_resolve_volume(
-        data, np.eye(4), _NearestPipeline(load_bundle(tiny_bundle)), 2, SamplingOptions(), invert=invert
-    )
+    volume = dataclasses.replace(load_dicom(ct5n_dir()), inverted=invert)
+    data, bundle = volume.data, load_bundle(tiny_bundle)
+    prepared = prepare_input(volume, window_percentiles(bundle))
+    result = super_resolve_volume(prepared, np.eye(4), _NearestPipeline(bundle), 2, SamplingOptions())
     low, high = sorted((result.window.low, result.window.high))
     assert (result.window.low > result.window.high) == invert and low < high
     expected = data.repeat(4, axis=0).repeat(4, axis=1)
@@ -138,7 +139,7 @@ def test_io_modules_import_no_torch_and_no_reader_until_needed():
     """medsr.io, tiling and medsr-infer import neither torch nor the format libraries before an image needs them."""
     modules = (
         "medsr.io.formats, medsr.io.inputs, medsr.io.dicom, medsr.io.dicom_write, medsr.io.raster, "
-        "medsr.io.limits, medsr.engine.tiling, medsr.infer, medsr.cli.infer"
+        "medsr.io.limits, medsr.engine.tiling, medsr.engine.volume, medsr.cli.jobs, medsr.cli.infer"
     )
     code = (
         f"import sys; sys.modules['torch'] = None; sys.modules['diffusers'] = None; import {modules}; "

@@ -21,8 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from io_fixtures import ct5n_dir, smooth_image, write_nifti
 
+from medsr.cli.jobs import InferSettings, prepare_job
 from medsr.errors import InputError, MedsrError
-from medsr.infer import InferSettings, prepare_job
 from medsr.io.dicom import load_dicom
 from medsr.io.inputs import Job
 from medsr.io.limits import MemoryLimit
@@ -33,7 +33,11 @@ FUZZ = settings(
     max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
 )
 #: A bundle as prepare_job sees it: scale, size unit and intensity percentiles.
-BUNDLE = SimpleNamespace(scale=4, lr_multiple=4, manifest={"task": {"intensity": {"low": 0.5, "high": 99.5}}})
+BUNDLE = SimpleNamespace(
+    scale=4,
+    lr_multiple=4,
+    manifest=SimpleNamespace(task=SimpleNamespace(intensity=SimpleNamespace(low=0.5, high=99.5))),
+)
 SETTINGS = InferSettings(max_bytes=LIMIT.max_bytes)
 
 # (offset, struct format) of NIfTI-1 header fields (nifti1.h).
@@ -78,6 +82,12 @@ def _patch(blob: bytearray, name: str, value) -> None:
     struct.pack_into(fmt, blob, offset, value)
 
 
+def _nothing_printed(capfd) -> None:
+    """Neither medsr nor the libraries under it wrote to stdout or stderr (warnings must become notes)."""
+    out, err = capfd.readouterr()
+    assert (out, err) == ("", "")
+
+
 def _must_be_clean(load) -> None:
     """Run ``load``; only InputError may come out, and its message must be one line."""
     try:
@@ -95,6 +105,7 @@ def _base_nifti(directory: Path) -> bytearray:
 @given(fields=_field_values(), magic=st.sampled_from([b"n+1\0", b"ni1\0", b"xyz\0", b"n+2\0"]))
 def test_nifti_header_fields(fields, magic, capfd):
     """Also: nothing printed (nibabel's header repairs become notes)."""
+    capfd.readouterr()
     with tempfile.TemporaryDirectory() as tmp:
         blob = _base_nifti(Path(tmp))
         for name, value in fields.items():
@@ -108,6 +119,7 @@ def test_nifti_header_fields(fields, magic, capfd):
                 Job(path, "fuzz"), Path(tmp) / "out.nii", BUNDLE, InferSettings(max_bytes=LIMIT.max_bytes)
             )
         )
+    _nothing_printed(capfd)
 
 
 @FUZZ
@@ -180,6 +192,8 @@ def _write_edited(source: Path, target: Path, edits: dict, pixel_delta: int, dro
 @FUZZ
 @given(edit=dicom_edits())
 def test_dicom_header_fields(edit, capfd):
+    """Also: nothing printed (pydicom's warnings become notes or errors)."""
+    capfd.readouterr()
     edits, pixel_delta, drop = edit
     config = pydicom.config.settings
     saved = (config.writing_validation_mode, config.reading_validation_mode)
@@ -202,6 +216,7 @@ def test_dicom_header_fields(edit, capfd):
                     Job(series, "s"), Path(tmp) / "o.nii", BUNDLE, InferSettings(max_bytes=LIMIT.max_bytes)
                 )
             )
+            _nothing_printed(capfd)
     finally:
         config.writing_validation_mode, config.reading_validation_mode = saved
 

@@ -65,3 +65,19 @@ def test_compare_arrays_against_direct_formula():
     assert figures["psnr_db"] == pytest.approx(10 * np.log10(np.ptp(expected) ** 2 / mse))
     assert figures["max_abs"] == pytest.approx(np.abs(actual - expected).max())
     assert compare_arrays(expected, expected)["psnr_db"] == float("inf")
+
+
+def test_tiled_slices_compare_only_the_final_image_and_say_so(tiny_bundle):
+    """Tiles trace no intermediate stage: the report lists the final image alone, with a note, never a stage list
+    that claims more than was compared."""
+    bundle = load_bundle(tiny_bundle)
+    lr = np.random.default_rng(0).uniform(-1, 1, (1, 24, 24)).astype(np.float32)
+    pipelines = (
+        LatentSRPipeline(bundle, open_ort_sessions(bundle)),
+        LatentSRPipeline(bundle, open_torch_sessions(bundle)),
+    )
+    tiled = compare_pipelines(*pipelines, lr, SamplingOptions(steps=1, tile_size=16, tile_overlap=8))
+    assert [stage.stage for stage in tiled.stages] == ["sr_image"] and tiled.passed
+    assert "24x24 LR pixels ran in tiles of 16" in tiled.note and tiled.to_dict()["note"] == tiled.note
+    whole = compare_pipelines(*pipelines, lr, SamplingOptions(steps=1, tile_size=None))
+    assert whole.note is None and len(whole.stages) == 5

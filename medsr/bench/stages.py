@@ -3,7 +3,7 @@
 Sessions are wrapped so every graph call is timed (encode = vae_encoder, each denoiser step, decode = vae_decoder);
 the gap after each denoiser call until the next graph call is the sampler's work (NumPy scheduler step, NaN check);
 data consistency is timed by a pipeline subclass; load and save around the volume. ``other`` is what is left of
-the volume call: normalization, padding, the consistency residual and denormalization.
+the volume call: the intensity window fit and normalization, padding, the consistency residual and denormalization.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def run_volume(bundle, sessions: dict[str, Session], volume_path: Path, out_path
     """
     import nibabel as nib
 
-    from medsr.infer import super_resolve_volume
+    from medsr.engine.volume import prepare_input, super_resolve_volume, window_percentiles
     from medsr.io.nifti import load_nifti
 
     timeline = Timeline()
@@ -114,7 +114,8 @@ def run_volume(bundle, sessions: dict[str, Session], volume_path: Path, out_path
     volume = load_nifti(volume_path)
     timeline.record("load", begin)
     start = time.perf_counter()
-    result = super_resolve_volume(volume.data, volume.affine, pipeline, 2, options)
+    prepared = prepare_input(volume, window_percentiles(bundle))
+    result = super_resolve_volume(prepared, volume.affine, pipeline, 2, options)
     volume_seconds = time.perf_counter() - start
     start = time.perf_counter()
     nib.save(nib.Nifti1Image(result.data, result.affine), str(out_path))

@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from medsr.errors import MedsrError
+from medsr.errors import BackendError, MedsrError
 
 
 def _raise_on_sigterm(signum, frame):
@@ -46,3 +46,13 @@ def medsr_errors(function):
             raise click.ClickException(str(exc)) from exc
 
     return wrapper
+
+
+def torch_reference() -> None:
+    """Register the PyTorch reference as the engine's ``torch`` backend, for ``--engine torch`` and the parity
+    reference: importing medsr.export.reference registers it (the engine never imports the PyTorch side). Without
+    the torch extra, a one-line BackendError says what to install."""
+    try:
+        import medsr.export.reference  # noqa: F401
+    except ImportError as exc:
+        raise BackendError(f"--engine torch needs the torch extra (pip install 'medsr[torch]'): {exc}") from exc

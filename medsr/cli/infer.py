@@ -9,11 +9,11 @@ from pathlib import Path
 import click
 
 from medsr.bundle.scheduler import ALGORITHMS
-from medsr.cli.common import medsr_errors, run_command
-from medsr.engine.pipeline import CONSISTENCY_MODES
+from medsr.cli.common import medsr_errors, run_command, torch_reference
+from medsr.cli.model import MODEL_HELP
+from medsr.degrade import CONSISTENCY_MODES
+from medsr.engine.precision import describe_precisions, precision_choices
 from medsr.engine.sessions import ENGINES
-
-PRECISIONS = ("fp32", "tf32", "fp16", "bf16", "auto")
 from medsr.io.dtypes import DTYPE_CHOICES
 from medsr.io.formats import OUTPUT_FORMATS
 
@@ -42,14 +42,14 @@ from medsr.io.formats import OUTPUT_FORMATS
     "(PNG, DICOM); input = the input's stored type and scaling.",
 )
 @click.option("--series", help="DICOM series to read from a directory holding several (SeriesInstanceUID or number).")
-@click.option("--model", type=click.Path(path_type=Path), help="Model bundle directory (default: the bundled one).")
+@click.option("--model", type=click.Path(path_type=Path), help=MODEL_HELP)
 @click.option("--engine", type=click.Choice(ENGINES), default="ort", show_default=True)
 @click.option(
     "--precision",
-    type=click.Choice(PRECISIONS),
+    type=click.Choice(precision_choices(*ENGINES)),
     default="fp32",
     show_default=True,
-    help="trt: fp32, tf32, fp16, bf16; openvino: fp32, bf16, auto (bf16 where parity passes); ort/torch: fp32.",
+    help=f"{describe_precisions(*ENGINES)} (auto: reduced precision per graph where parity passes).",
 )
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--sampler", type=click.Choice(ALGORITHMS), help="Sampler (default: the bundle's).")
@@ -59,7 +59,9 @@ from medsr.io.formats import OUTPUT_FORMATS
     type=click.Choice(CONSISTENCY_MODES),
     help="Data consistency with the LR input after decoding (default: the bundle's).",
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial noise.")
+@click.option(
+    "--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the initial noise (>= 0)."
+)
 @click.option(
     "--batch-size", type=click.IntRange(min=1), default=4, show_default=True, help="Slices (or tiles) per batch."
 )
@@ -122,10 +124,11 @@ def infer(
     pattern or a directory of images make a batch: -o names the output directory, failures are reported and skipped,
     existing outputs are skipped, and OUTPUT/medsr_summary.json records every input.
     """
+    from medsr.cli.jobs import InferSettings
+    from medsr.cli.model import load_model
     from medsr.engine.pipeline import SamplingOptions
     from medsr.engine.tiling import check_tile_options
     from medsr.errors import InputError, MedsrError
-    from medsr.infer import InferSettings
     from medsr.io.inputs import expand_inputs
     from medsr.io.limits import parse_size
 
@@ -154,7 +157,7 @@ def infer(
         repair_nonfinite=repair_nonfinite,
         overwrite=overwrite,
     )
-    bundle = _load_bundle(model)
+    bundle = load_model(model)
     if options.tile_size is not None:
         check_tile_options(options.tile_size, tile_overlap, bundle.lr_multiple)
     pipeline = functools.cache(lambda: _open_pipeline(bundle, engine, precision, device, sampler, threads))
@@ -166,30 +169,16 @@ def infer(
         _run_one(jobs[0], output, bundle, pipeline, settings)
 
 
-def _load_bundle(model):
-    """The validated bundle at ``model``, or the bundled default."""
-    from medsr.bundle import load_bundle
-    from medsr.errors import BundleError
-    from medsr.models import DEFAULT_BUNDLE
-
-    if model is None:
-        if not (DEFAULT_BUNDLE / "medsr.json").is_file():
-            raise BundleError("no default model is bundled with this installation; pass --model BUNDLE")
-        model = DEFAULT_BUNDLE
-    return load_bundle(model)
-
-
 def _open_pipeline(bundle, engine, precision, device, sampler, threads):
     """The bundle's pipeline on ``engine`` (sessions are opened only once an input has passed its checks)."""
-    import dataclasses
-
     from medsr.engine.pipeline import LatentSRPipeline
-    from medsr.engine.schedulers import SchedulerConfig
     from medsr.engine.sessions import open_sessions
 
-    scheduler_config = SchedulerConfig.from_dict(bundle.scheduler)
+    if engine == "torch":
+        torch_reference()
+    scheduler_config = bundle.manifest.scheduler
     if sampler:
-        scheduler_config = dataclasses.replace(scheduler_config, algorithm=sampler)  # validates the combination
+        scheduler_config = scheduler_config.with_sampler(sampler)
     sessions = open_sessions(bundle, engine, device=device, threads=threads, precision=precision)
     return LatentSRPipeline(bundle, sessions, scheduler_config)
 
@@ -197,7 +186,7 @@ def _open_pipeline(bundle, engine, precision, device, sampler, threads):
 def _run_one(job, output, bundle, pipeline, settings) -> None:
     from tqdm import tqdm
 
-    from medsr.infer import describe, prepare_job, provenance_of, run_prepared
+    from medsr.cli.jobs import describe, prepare_job, provenance_of, run_prepared
 
     prepared = prepare_job(job, output, bundle, settings)
     with tqdm(unit="slice", desc="super-resolving", disable=None) as bar:
@@ -207,8 +196,8 @@ def _run_one(job, output, bundle, pipeline, settings) -> None:
 
 def _run_batch(jobs, outdir: Path, bundle, pipeline, settings) -> int:
     """Run a batch into ``outdir`` (created if missing); return the number of failed inputs."""
+    from medsr.cli.jobs import SUMMARY_NAME, run_batch
     from medsr.errors import OutputError
-    from medsr.infer import SUMMARY_NAME, run_batch
 
     if outdir.exists() and not outdir.is_dir():
         raise OutputError(f"{outdir}: the output of a batch must be a directory")

@@ -93,10 +93,12 @@ def _setup(kw: dict):
 
     if kw["threads"]:
         torch.set_num_threads(kw["threads"])
+    preset = get_preset(kw["preset"])
     sources = resolve_sources(list(kw["sources"]), kw["modality"])
-    slices = [s for source in sources for s in source_slices(source)]
+    percentiles = (preset.intensity["low"], preset.intensity["high"])
+    slices = [s for source in sources for s in source_slices(source, percentiles)]
     note = f"{len(slices)} slices from {', '.join(s.name for s in sources)}"
-    return get_preset(kw["preset"]), slices, pick_device(kw["device"]), note
+    return preset, slices, pick_device(kw["device"]), note
 
 
 @click.group(context_settings=CONTEXT)
@@ -163,12 +165,13 @@ def vae(crop, kl_weight, init, **kw):
 @click.option(
     "--prediction-type",
     type=click.Choice(["epsilon", "v_prediction", "sample", "flow"]),
-    help="Override the preset's target (x0 = sample).",
+    help="Override the preset's target (x0 = sample); recorded in the weights (medsr-export "
+    "--objective-from-weights exports them with it).",
 )
 @click.option(
     "--beta-schedule",
     type=click.Choice(["linear", "scaled_linear", "squaredcos_cap_v2", "cosine"]),
-    help="Override the preset's schedule.",
+    help="Override the preset's schedule; recorded in the weights like --prediction-type.",
 )
 @medsr_errors
 def denoiser(vae_weights, pairs, crop, loss, terminal_fraction, contrast_copies, prediction_type, beta_schedule, **kw):

@@ -12,9 +12,9 @@ import os
 
 import numpy as np
 
-from medsr.data.images import load_source
 from medsr.data.pairs import degradation_for, trim_to_multiple
 from medsr.data.sources import COLIN27_HELDOUT, _colin27
+from medsr.io.formats import load_image
 
 EXAMPLE_SLICES = tuple(range(COLIN27_HELDOUT[0], COLIN27_HELDOUT[1], 5))
 
@@ -29,7 +29,7 @@ def make_colin27_example(out_path: str | os.PathLike, scale: int = 4, slices: tu
     import nibabel as nib
 
     colin = nib.load(str(_colin27()))
-    data = load_source(_colin27())[0][..., list(slices)]
+    data = load_image(_colin27()).data[..., list(slices)]
     stack = trim_to_multiple(np.moveaxis(data, 2, 0), scale)
     top, left = (data.shape[0] % scale) // 2, (data.shape[1] % scale) // 2  # as trim_to_multiple centres
     lr = degradation_for("mri", scale).forward(stack).astype(np.float32)

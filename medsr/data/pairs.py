@@ -1,7 +1,8 @@
 """Training pairs: normalized HR slices from a source, LR made from them by medsr.degrade, and aligned crops.
 
-Intensities go through medsr.io.normalize with a window fitted on the whole source (volume or image), as the
-engine normalizes a whole volume before slicing it, so the model sees training slices in the engine's [-1, 1].
+Slices are the network input ``medsr-infer`` would prepare from the same file (medsr.engine.volume.prepare_input:
+one window fitted on the whole source with the bundle's or preset's percentiles, the same plane orientation), so
+the model trains on what it will see.
 LR is always the degradation of the *whole* (augmented) HR slice, never of a crop, so crops carry the same
 boundary conditions as an acquired image; an LR crop at LR offset (i, j) is the HR crop at offset (s*i, s*j).
 """
@@ -13,13 +14,13 @@ from typing import NamedTuple
 
 import numpy as np
 
-from medsr.data.images import load_source, training_window
+from medsr.data.images import load_source
 from medsr.data.sources import Source
 from medsr.degrade import Degradation, make_degradation, upsample_baseline
 from medsr.errors import InputError, ShapeError
-from medsr.io.normalize import normalize
 
-#: Degradation per modality (REFERENCE.md section 7; the paper made its LR images with PIL LANCZOS).
+#: Degradation per modality (docs/sources.md, "Degradations and fair baselines"; the paper made its LR images with
+#: PIL LANCZOS).
 MODALITY_DEGRADATION = {"mri": "kspace", "xray": "lanczos"}
 #: A slice is foreground when at least FOREGROUND_FRACTION of its pixels exceed FOREGROUND_LEVEL (normalized
 #: units: -0.8 is 10 % of the intensity window): skips air-only slices at the edges of a volume.
@@ -38,23 +39,22 @@ class Slice:
     image: np.ndarray
 
 
-def source_slices(source: Source, min_size: int = 16) -> list[Slice]:
-    """The foreground slices of ``source``, each at least ``min_size`` pixels on both sides, normalized.
+def source_slices(source: Source, percentiles: tuple[float, float], min_size: int = 16) -> list[Slice]:
+    """The foreground slices of ``source``, each at least ``min_size`` pixels on both sides, normalized to [-1, 1]
+    (clipped) with the window of ``percentiles`` (low, high: the bundle's or the training preset's ``intensity``).
 
     The window is fitted on the whole file (before the box is cut), as medsr-infer fits it on the whole input.
-    A 2D image is the single slice along axis 2 of its (rows, columns, 1) volume.
+    A 2D image is the single slice along axis 2, in display orientation (rows, columns).
     """
-    data, inverted = load_source(source.path, source.frame)
-    window = training_window(data, inverted)
+    prepared = load_source(source.path, percentiles, source.frame)
     if source.box is not None:
-        data = data[tuple(slice(*r) if r is not None else slice(None) for r in source.box)]
-    axes = source.axes if data.shape[2] > 1 else (2,)
+        prepared = prepared.crop(source.box)
+    axes = source.axes if prepared.data.shape[2] > 1 else (2,)
     slices = []
     for axis in axes:
-        stack = np.moveaxis(data, axis, 0)
-        if min(stack.shape[1:]) < min_size:
+        if min(prepared.plane_shape(axis)) < min_size:
             continue
-        normalized, _ = normalize(stack, window)
+        normalized, _ = prepared.planes(axis)
         for index, image in enumerate(normalized):
             if np.mean(image > FOREGROUND_LEVEL) >= FOREGROUND_FRACTION:
                 slices.append(Slice(source.name, source.modality, axis, index, image))

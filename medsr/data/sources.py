@@ -2,7 +2,7 @@
 
 A source is one file (a NIfTI volume, optionally a voxel box and frame of it, or a 2D image) with the modality
 that decides its degradation (``mri``: k-space truncation; ``xray``: Lanczos). Data that ships offline here
-(REFERENCE.md section 4):
+(docs/sources.md, "Data that ships offline"):
 
 - Colin27 T1 brain, 181 x 217 x 181 at 1 mm (Debian package mricron-data, BSD-3 / MNI): one subject.
 - nibabel's example4d EPI, 128 x 96 x 24 x 2 at 2 x 2 x 2.2 mm (MIT): another subject and contrast (T2*).

@@ -11,7 +11,7 @@ model's [-1, 1]):
   the measured LR, as the engine applies it.
 - Baselines get the same measured LR: zero-filled k-space,
   grid-aligned bicubic and Lanczos upsampling (:func:`medsr.degrade.upsample_baseline`, one geometry with the
-  operators: REFERENCE.md section 7).
+  operators: docs/sources.md, "Degradations and fair baselines").
 - The autoencoder ceiling AE = decode(encode(HR)) (LatentSRPipeline.autoencode: posterior mean, the bundle's latent
   scaling), also reported as the configuration ``ae_ceiling``.
 
@@ -30,8 +30,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from medsr.data.pairs import trim_to_multiple
-from medsr.degrade import BASELINES, consistency_residual, upsample_baseline
-from medsr.engine.pipeline import CONSISTENCY_MODES, LatentSRPipeline, SamplingOptions
+from medsr.degrade import BASELINES, CONSISTENCY_MODES, consistency_residual, upsample_baseline
+from medsr.engine.pipeline import LatentSRPipeline, SamplingOptions
 from medsr.errors import InputError
 from medsr.eval.metrics import hallucination_rates, image_metrics
 from medsr.eval.slices import EvalSlice

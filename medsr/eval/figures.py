@@ -1,21 +1,20 @@
 """PNG figures of the fidelity and compare reports, drawn with matplotlib's Agg canvas (no pyplot, no display).
 
-Every writer renders the whole figure in memory, writes it to a temporary file in the destination's directory and
-renames it over ``path`` (``os.replace``), so a reader never sees a partial PNG and a failure leaves no file behind
-(an existing file at ``path`` is kept as it was).
+Every writer renders the figure through medsr's one atomic writer (:func:`medsr.io.atomic.atomic_path`): a temporary
+file in the destination's directory renamed over ``path``, so a reader never sees a partial PNG and a failure leaves
+no file behind (an existing file at ``path`` is kept as it was). Figures replace an existing file of the same name.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
-from medsr.errors import InputError, OutputError, ShapeError
+from medsr.errors import InputError, ShapeError
 from medsr.eval.metrics import psnr
+from medsr.io.atomic import atomic_path
 
 
 def _new_figure(width: float, height: float):
@@ -29,22 +28,10 @@ def _new_figure(width: float, height: float):
 
 
 def _save_png(fig, path) -> Path:
-    """Write ``fig`` to ``path`` atomically: temporary file in the same directory, then os.replace."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise OutputError(f"cannot write figure {path}: directory {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png")
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise OutputError(f"cannot write figure {path}: {exc}") from exc
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``fig`` to ``path`` as PNG, atomically, replacing an existing file."""
+    with atomic_path(path, overwrite=True) as tmp, open(tmp, "wb") as file:
+        fig.savefig(file, format="png")
+    return Path(path)
 
 
 def _image(name: str, x) -> np.ndarray:

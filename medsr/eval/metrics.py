@@ -3,7 +3,7 @@
 Images are 2-D arrays ``(H, W)`` of one intensity scale (any dtype; computed in float64, so uint8 inputs cannot
 wrap around). ``data_range`` is the span of that scale (1.0 for [0, 1], 2.0 for [-1, 1], 255 for 8-bit): it is the
 peak of PSNR and sets the SSIM constants. The definitions follow the evaluation of arXiv 2604.12152
-(../shared/REFERENCE.md section 1), always against the true HR image, never against a decoded HR latent.
+(docs/sources.md, "The method"), always against the true HR image, never against a decoded HR latent.
 
 Conventions chosen here:
 
@@ -213,7 +213,7 @@ def wavelet_band_psnr(pred, ref, wavelet: str = "haar", level: int = 3) -> dict[
 
     Both images are decomposed with ``pywt.wavedec2(img, wavelet, level=level)`` (pywt's default symmetric
     extension); each band's PSNR is 10 log10(max|HR coeff|^2 / MSE(SR coeff, HR coeff)), its peak taken from the HR
-    band itself (REFERENCE.md section 1). Unlike the paper's script, no cap: an exact band gives ``inf`` (theirs
+    band itself (docs/sources.md, "The method"). Unlike the paper's script, no cap: an exact band gives ``inf`` (theirs
     gave 100 dB) and an all-zero HR band with an error gives ``-inf`` (theirs gave 0 dB).
 
     Args:

@@ -3,8 +3,9 @@
 Inputs are files, directories of files, or sources of the default split by name (``colin27-slab``, ``epi``,
 ``default:heldout``, ...: :func:`medsr.data.sources.resolve_sources`). A NIfTI file gives its foreground slices along
 one axis (default: the axis of largest voxel spacing, as ``medsr-infer`` slices; frame 0 of a 4D file); a 2D image
-(DICOM, PNG, TIFF) gives one slice. Intensities are normalized to the model's [-1, 1] with a window fitted on the
-whole source, as the engine does, by :func:`medsr.data.pairs.source_slices`. Ids are ``<source>_ax<axis>_<index:03d>``
+(DICOM, PNG, TIFF) gives one slice, in display orientation. Each slice is the network input ``medsr-infer``
+prepares from the same file (:func:`medsr.data.pairs.source_slices`, through medsr.engine.volume.prepare_input:
+the bundle's intensity window fitted on the whole source). Ids are ``<source>_ax<axis>_<index:03d>``
 for volume slices and ``<source>`` for 2D images, the source being the file stem (``ch2.nii.gz`` -> ``ch2``) or the
 split's source name, so a file always gives the same ids, whatever other files are evaluated with it.
 """
@@ -17,14 +18,15 @@ from pathlib import Path
 
 import numpy as np
 
-from medsr.data.images import DICOM_SUFFIXES, RASTER_SUFFIXES
 from medsr.data.pairs import source_slices
 from medsr.data.sources import Source, resolve_sources
+from medsr.engine.volume import choose_slice_axis
 from medsr.errors import InputError
-from medsr.infer import choose_slice_axis
+from medsr.io.dicom import DICOM_SUFFIXES
 from medsr.io.nifti import NIFTI_SUFFIXES, is_nifti
+from medsr.io.raster import RASTER_SUFFIXES
 
-IMAGE_SUFFIXES = NIFTI_SUFFIXES + DICOM_SUFFIXES + RASTER_SUFFIXES
+IMAGE_SUFFIXES = tuple(NIFTI_SUFFIXES) + tuple(DICOM_SUFFIXES) + tuple(RASTER_SUFFIXES)
 
 
 @dataclass(frozen=True)
@@ -112,12 +114,15 @@ def spread(items: list, count: int | None) -> list:
     return [items[i] for i in picks]
 
 
-def load_eval_slices(sources: list[Source], per_file: int | None = None, min_size: int = 16) -> list[EvalSlice]:
-    """The foreground slices of ``sources`` (:func:`eval_sources`), at most ``per_file`` (evenly spaced) from each;
-    slices smaller than ``min_size`` on either side are skipped."""
+def load_eval_slices(
+    sources: list[Source], percentiles: tuple[float, float], per_file: int | None = None, min_size: int = 16
+) -> list[EvalSlice]:
+    """The foreground slices of ``sources`` (:func:`eval_sources`), at most ``per_file`` (evenly spaced) from each,
+    normalized with the window of ``percentiles`` (the bundle's: medsr.engine.volume.window_percentiles); slices
+    smaller than ``min_size`` on either side are skipped."""
     slices = []
     for source in sources:
-        for item in spread(source_slices(source, min_size=min_size), per_file):
+        for item in spread(source_slices(source, percentiles, min_size=min_size), per_file):
             if source.is_volume:
                 name, axis, index = f"{source.name}_ax{item.axis}_{item.index:03d}", item.axis, item.index
             else:

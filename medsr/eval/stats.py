@@ -2,7 +2,7 @@
 
 Inputs ``a`` and ``b`` are 1-D arrays of one metric (e.g. PSNR in dB) over the same images in the same order
 (:mod:`medsr.eval.compare` pairs them by image id). Differences are always ``a - b``. The tests follow the paper
-(arXiv 2604.12152, ../shared/REFERENCE.md section 1): paired Wilcoxon signed-rank, Cohen's d with the pooled SD,
+(arXiv 2604.12152; docs/sources.md, "The method"): paired Wilcoxon signed-rank, Cohen's d with the pooled SD,
 plus the paired d_z, and a bootstrap CI of the mean difference. Unlike the paper's script, which resampled ``a``
 and ``b`` independently, the bootstrap here resamples image pairs, as the design is paired.
 

@@ -49,7 +49,8 @@ def main() -> None:
     loop = dataclasses.replace(recipe.denoiser_loop, steps=args.steps or recipe.denoiser_loop.steps)
     objective = dataclasses.replace(recipe.denoiser, contrast_copies=args.contrast_copies)
     split = default_split()
-    slices = [s for source in split["train"] for s in source_slices(source) if s.modality == "mri"]
+    percentiles = (preset.intensity["low"], preset.intensity["high"])
+    slices = [s for source in split["train"] for s in source_slices(source, percentiles) if s.modality == "mri"]
     weights = args.out / "denoiser" / "weights.safetensors"
     if not weights.is_file():
         train_denoiser(args.out / "denoiser", preset, args.vae, slices, loop, objective, torch.device("cpu"))

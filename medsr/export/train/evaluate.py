@@ -31,6 +31,7 @@ def evaluate_bundle(
     from medsr.bundle import load_bundle
     from medsr.engine.pipeline import LatentSRPipeline, SamplingOptions
     from medsr.engine.sessions import open_sessions
+    from medsr.engine.volume import window_percentiles
 
     bundle = load_bundle(bundle_dir)
     pipeline = LatentSRPipeline(bundle, open_sessions(bundle, "ort", device="cpu", threads=threads))
@@ -40,7 +41,7 @@ def evaluate_bundle(
         op = degradation_for(source.modality, bundle.scale)
         scores = {method: {"psnr": [], "ssim": []} for method in METHODS}
         seconds = {"model": 0.0, "kspace_consistency": 0.0}
-        slices = source_slices(source)
+        slices = source_slices(source, window_percentiles(bundle))
         for index, item in enumerate(slices):
             hr, lr = make_pair(item.image, op)
             started = time.perf_counter()

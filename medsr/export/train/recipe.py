@@ -63,7 +63,8 @@ def run_recipe(name: str, out_dir: Path, bundle_dir: Path, resume: bool, overwri
     note = {part: [s.name for s in sources] for part, sources in split.items()}
     timings = {}
     started = time.perf_counter()
-    all_slices = [s for source in split["train"] for s in source_slices(source)]
+    percentiles = (preset.intensity["low"], preset.intensity["high"])
+    all_slices = [s for source in split["train"] for s in source_slices(source, percentiles)]
     mri_slices = [s for s in all_slices if s.modality == "mri"]
     vae_weights = out_dir / "vae" / VAE_WEIGHTS
     if not (resume and vae_weights.is_file()):

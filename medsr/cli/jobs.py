@@ -1,108 +1,33 @@
-"""Super-resolve medical images slice by slice: the work behind ``medsr-infer``, torch-free.
-
-One image: read (medsr.io.formats) -> one frame or all -> slices along one axis, normalized to [-1, 1] (inverted for
-MONOCHROME1, so the model sees bright = dense) -> LatentSRPipeline -> denormalized back to the input's units ->
-written in the chosen format with the upsampled affine of medsr.io.affine. A batch runs the same for each job, reports
-and skips failures, skips outputs that already exist, and keeps a summary JSON current in the output directory.
-"""
+"""The jobs of ``medsr-infer``: read and check each input, decide its output, run the volume engine, write the result
+with its provenance; a batch runs every job, reports and skips failures, skips outputs that already exist (so a
+rerun resumes), and keeps a summary JSON current in the output directory. The model work is
+medsr.engine.volume's."""
 
 from __future__ import annotations
 
 import datetime
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from medsr.engine.pipeline import LatentSRPipeline, SamplingOptions
+from medsr.engine.volume import (
+    NetworkInput,
+    check_plane_size,
+    choose_slice_axis,
+    min_plane_side,
+    prepare_input,
+    super_resolve_volume,
+    window_percentiles,
+)
 from medsr.errors import InputError, MedsrError
-from medsr.io.affine import upsample_affine
 from medsr.io.image import Volume, flat
-from medsr.io.normalize import IntensityWindow, denormalize, fit_window, normalize
 
 SUMMARY_NAME = "medsr_summary.json"
-
-
-def choose_slice_axis(zooms: Sequence[float], shape: Sequence[int] | None = None) -> int:
-    """The through-plane axis: an axis of length 1 when ``shape`` has one (a 2D image), else the axis with the
-    largest voxel spacing (ties: the last such axis)."""
-    if shape is not None and 1 in shape[:3]:
-        return max(axis for axis in range(3) if shape[axis] == 1)
-    return max(range(3), key=lambda axis: (zooms[axis], axis))
-
-
-@dataclass(frozen=True)
-class VolumeResult:
-    """An SR volume (float32, input units), its affine, and what the run did.
-
-    ``window``: the input intensities mapped to -1 and +1 (low > high for an inverted, MONOCHROME1, input);
-    ``clipped_fraction``: the fraction of input voxels outside it; ``residuals``: each slice's consistency residual.
-    """
-
-    data: np.ndarray
-    affine: np.ndarray
-    axis: int
-    slices: int
-    window: IntensityWindow
-    clipped_fraction: float
-    residuals: np.ndarray
-
-
-def super_resolve_volume(
-    data: np.ndarray,
-    affine: np.ndarray,
-    pipeline: LatentSRPipeline,
-    axis: int,
-    options: SamplingOptions,
-    progress: Callable[[int], None] | None = None,
-    invert: bool = False,
-    window: IntensityWindow | None = None,
-) -> VolumeResult:
-    """Super-resolve every slice of ``data`` (X, Y, Z) or (X, Y, Z, T) along spatial ``axis``.
-
-    The intensity ``window`` is fitted on the whole volume (all frames) unless given, so every slice shares one
-    mapping; ``invert`` maps the window's high end to -1 (MONOCHROME1). Slice i of frame k is seeded with index
-    k * n_slices + i, so each output voxel is reproducible on its own. Slices go to the pipeline
-    ``options.batch_size`` at a time and are written straight into the output volume.
-    """
-    if axis not in (0, 1, 2):
-        raise InputError(f"slice axis must be 0, 1 or 2, got {axis}")
-    frames = data[..., None] if data.ndim == 3 else data
-    fitted = window or fit_window(frames, *_percentiles(pipeline.bundle))
-    window = IntensityWindow(fitted.high, fitted.low) if invert else fitted
-    scale = pipeline.bundle.scale
-    factors = [scale, scale, scale]
-    factors[axis] = 1
-    out = np.empty((*(n * f for n, f in zip(frames.shape[:3], factors)), frames.shape[3]), dtype=np.float32)
-    clipped, residuals = [], []
-    n_slices = frames.shape[axis]
-    for frame_index in range(frames.shape[3]):
-        stack = np.moveaxis(frames[..., frame_index], axis, 0)
-        target = np.moveaxis(out[..., frame_index], axis, 0)
-        for start in range(0, n_slices, options.batch_size):
-            normalized, fraction = normalize(stack[start : start + options.batch_size], window, clip=False)
-            clipped.append(fraction * len(normalized))
-            first = frame_index * n_slices + start
-            result = pipeline.super_resolve(normalized, options, progress=progress, first_index=first)
-            target[start : start + len(normalized)] = denormalize(result.images, window)
-            residuals.append(result.residuals)
-    return VolumeResult(
-        data=out if data.ndim == 4 else out[..., 0],
-        affine=upsample_affine(affine, factors),
-        axis=axis,
-        slices=n_slices * frames.shape[3],
-        window=window,
-        clipped_fraction=float(np.sum(clipped)) / (n_slices * frames.shape[3]),
-        residuals=np.concatenate(residuals),
-    )
-
-
-def _percentiles(bundle) -> tuple[float, float]:
-    intensity = bundle.manifest["task"]["intensity"]
-    return float(intensity.get("low", 0.5)), float(intensity.get("high", 99.5))
 
 
 @dataclass(frozen=True)
@@ -129,13 +54,13 @@ class InferSettings:
 
 @dataclass(frozen=True)
 class PreparedJob:
-    """A job whose input is read and checked and whose output is decided: everything but the model run."""
+    """A job whose input is read, checked and prepared for the network and whose output is decided: everything but
+    the model run."""
 
     job: object
     volume: Volume
-    data: np.ndarray
+    image: NetworkInput
     axis: int
-    window: IntensityWindow
     fmt: str
     dtype: np.dtype
     output: Path
@@ -149,18 +74,10 @@ def _memory_limit(settings: InferSettings, scale: int):
     return MemoryLimit(available_memory(), scale, "the available memory; set --max-memory to change it")
 
 
-def _select_frame(volume: Volume, frame: int | None) -> np.ndarray:
-    if frame is None:
-        return volume.data
-    if volume.data.ndim != 4 or frame >= volume.data.shape[3]:
-        raise InputError(f"{volume.path}: --frame {frame} but the image has shape {volume.data.shape}")
-    return volume.data[..., frame]
-
-
 def _slice_axis(volume: Volume, requested: int | None, fmt: str) -> int:
     """The slice axis for ``volume``: a 2D image's singleton axis, DICOM's acquisition plane, or the largest spacing."""
     natural = choose_slice_axis(volume.zooms, volume.data.shape)
-    if volume.is_2d:
+    if volume.data.ndim == 3 and volume.data.shape.count(1) == 1:
         if requested is not None and requested != natural:
             raise InputError(f"{volume.path}: a 2D image of shape {volume.data.shape}: --axis must be {natural}")
         return natural
@@ -171,17 +88,9 @@ def _slice_axis(volume: Volume, requested: int | None, fmt: str) -> int:
     return 2 if volume.format == "dicom" else natural
 
 
-def _check_min_size(volume: Volume, data: np.ndarray, axis: int, minimum: int) -> None:
-    in_plane = [data.shape[a] for a in range(3) if a != axis]
-    if min(in_plane) < minimum:
-        raise InputError(
-            f"{volume.path}: slices of {in_plane[0]}x{in_plane[1]} pixels are smaller than this model's minimum of "
-            f"{minimum}x{minimum}"
-        )
-
-
 def prepare_job(job, output: Path | None, bundle, settings: InferSettings) -> PreparedJob:
-    """Read and check ``job.source`` and decide its output (None: the default name in the current directory).
+    """Read and check ``job.source``, prepare it for the network and decide its output (None: the default name in
+    the current directory).
 
     Every bad input or output is refused here, before a model is loaded. Raises MedsrError naming the file.
     """
@@ -196,14 +105,10 @@ def prepare_job(job, output: Path | None, bundle, settings: InferSettings) -> Pr
     dtype = resolve_dtype(settings.dtype, fmt, volume)
     output = output or Path(default_output_name(volume, fmt, bundle.scale, job.stem))
     check_output_path(output, settings.overwrite, directory=output_is_directory(fmt, volume))
-    data = _select_frame(volume, settings.frame)
+    prepared = prepare_input(volume, window_percentiles(bundle), settings.frame)
     axis = _slice_axis(volume, settings.axis, fmt)
-    _check_min_size(volume, data, axis, bundle.lr_multiple)
-    try:
-        window = fit_window(data, *_percentiles(bundle))
-    except InputError as exc:
-        raise InputError(f"{volume.path}: {exc}") from exc
-    return PreparedJob(job, volume, data, axis, window, fmt, dtype, output)
+    check_plane_size(prepared, axis, min_plane_side(bundle))
+    return PreparedJob(job, volume, prepared, axis, fmt, dtype, output)
 
 
 def provenance_of(pipeline: LatentSRPipeline, settings: InferSettings) -> dict:
@@ -216,12 +121,12 @@ def provenance_of(pipeline: LatentSRPipeline, settings: InferSettings) -> dict:
         "medsr_version": medsr.__version__,
         "model": bundle.name,
         "scale": bundle.scale,
-        "weights": bundle.manifest["provenance"].get("weights"),
+        "weights": bundle.manifest.provenance.weights.to_dict(),
         "engine": f"{settings.engine} {settings.precision} [{providers}]",
         "sampler": pipeline.scheduler_config.algorithm,
         "steps": options.steps or pipeline.scheduler_config.default_steps,
         "seed": options.seed,
-        "consistency": options.consistency or bundle.manifest["task"].get("consistency", "none"),
+        "consistency": options.consistency or bundle.manifest.task.consistency,
         "tile_size": options.tile_size,
         "tile_overlap": options.tile_overlap,
     }
@@ -238,16 +143,7 @@ def run_prepared(
 
     started = time.perf_counter()
     volume = prepared.volume
-    result = super_resolve_volume(
-        prepared.data,
-        volume.affine,
-        pipeline,
-        prepared.axis,
-        settings.options,
-        progress,
-        volume.inverted,
-        prepared.window,
-    )
+    result = super_resolve_volume(prepared.image, volume.affine, pipeline, prepared.axis, settings.options, progress)
     provenance = {
         **provenance_of(pipeline, settings),
         "input": volume.path.name,
@@ -273,7 +169,7 @@ def run_prepared(
         "status": "done",
         "format": prepared.fmt,
         "dtype": str(prepared.dtype),
-        "input_shape": list(prepared.data.shape),
+        "input_shape": list(prepared.image.data.shape),
         "output_shape": list(result.data.shape),
         "axis": prepared.axis,
         "slices": result.slices,

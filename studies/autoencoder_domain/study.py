@@ -1,4 +1,4 @@
-"""The autoencoder-domain study of arXiv 2604.12152 in miniature (REFERENCE.md section 1; issue 5).
+"""The autoencoder-domain study of arXiv 2604.12152 in miniature (docs/sources.md, "The method").
 
 Question: at the same latent geometry and with the same denoiser recipe, does an autoencoder trained on medical
 images super-resolve held-out medical slices better than one trained on natural photographs, and does the
@@ -17,7 +17,7 @@ Design (every step is a medsr command, listed by :func:`study_steps` and recorde
 
 Run it (about 15-20 CPU minutes on 2 cores; steps whose outputs exist are skipped, so an interrupted run resumes)::
 
-    nice -n 19 python -m medsr.eval.study --work runs/study --out studies/autoencoder_domain
+    nice -n 19 python studies/autoencoder_domain/study.py --work runs/study --out studies/autoencoder_domain
 
 It writes ``RESULTS.md`` (tables, commands, timings), ``study.json`` (every number), the compare reports and the
 screening plot into ``--out``.
@@ -255,8 +255,9 @@ def write_results(work: Path, out: Path, config: StudyConfig, steps: list[Step],
     text = "\n".join([
         "# Autoencoder domain study (miniature of arXiv 2604.12152): results", "",
         (
-            "Made by `nice -n 19 python -m medsr.eval.study --work runs/study --out studies/autoencoder_domain` "
-            f"({cpu_min:.1f} CPU minutes for the steps run last). Design: medsr/eval/study.py and README.md here."
+            "Made by `nice -n 19 python studies/autoencoder_domain/study.py --work runs/study "
+            "--out studies/autoencoder_domain` "
+            f"({cpu_min:.1f} CPU minutes for the steps run last). Design: study.py and README.md here."
         ), "",
         f"Recipe (both arms): `{json.dumps(asdict(config))}`.", "",
         "## Means per dataset (held-out medical slices, x4 k-space LR, [-1, 1] scale)", "", results_table(work),
@@ -274,7 +275,9 @@ def write_results(work: Path, out: Path, config: StudyConfig, steps: list[Step],
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m medsr.eval.study", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python studies/autoencoder_domain/study.py", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--work", type=Path, required=True, help="Directory for runs, bundles and fidelity outputs.")
     parser.add_argument("--out", type=Path, required=True, help="Where the recorded results go (studies/...).")
     args = parser.parse_args(argv)
