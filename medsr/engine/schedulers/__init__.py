@@ -9,13 +9,33 @@ One small class per algorithm, built from a `SchedulerConfig` (the manifest's ``
         out = denoise(x, t)
         noise = rng.standard_normal(x.shape) if scheduler.stochastic else None
         x = scheduler.step(out, t, x, noise).prev_sample
+
+The same loop with the arrays left where the model runs (NumPy here; CuPy arrays with ``xp=cupy``): the scheduler
+gives each step's coefficients on the host (`StepCoefficients`) and `apply_coefficients` combines the arrays::
+
+    history = None
+    for coeffs, t in zip(trajectory_coefficients(scheduler), scheduler.timesteps):
+        out = denoise(x, t)
+        noise = rng.standard_normal(x.shape) if scheduler.stochastic else None
+        step = apply_coefficients(coeffs, x, out, history, noise, xp=np)
+        x, history = step.prev_sample, step.pred_original_sample
 """
 
 from __future__ import annotations
 
 from medsr.bundle.scheduler import SchedulerConfig
 
-from .common import StepOutput, add_noise, alphas_cumprod, predict_x0_eps, training_target
+from .common import (
+    StepCoefficients,
+    StepOutput,
+    add_noise,
+    alphas_cumprod,
+    apply_coefficients,
+    predict_x0_eps,
+    training_target,
+    trajectory_coefficients,
+    x0_eps_coefficients,
+)
 from .ddim import DDIMScheduler
 from .ddpm import DDPMScheduler
 from .dpmsolver import DPMSolverPlusPlus2MScheduler
@@ -43,10 +63,14 @@ __all__ = [
     "FlowEulerScheduler",
     "LatentSRScheduler",
     "SchedulerConfig",
+    "StepCoefficients",
     "StepOutput",
     "add_noise",
     "alphas_cumprod",
+    "apply_coefficients",
     "make_scheduler",
     "predict_x0_eps",
     "training_target",
+    "trajectory_coefficients",
+    "x0_eps_coefficients",
 ]

@@ -79,6 +79,27 @@ def predict_x0_eps(
     raise InputError(f"unknown prediction_type {prediction_type!r}")
 
 
+def x0_eps_coefficients(
+    alpha_t: float, sigma_t: float, prediction_type: str
+) -> tuple[tuple[float, float], tuple[float, float]]:
+    """`predict_x0_eps` as coefficients: ``((x0_sample, x0_output), (eps_sample, eps_output))`` such that
+    x0 = x0_sample x_t + x0_output model_output and eps = eps_sample x_t + eps_output model_output.
+
+    The same four formulas as `predict_x0_eps` (DDIM eq. 12; Salimans & Ho 2022 for v; the rectified-flow velocity
+    eps - x0), each affine in (x_t, model_output).
+    """
+    a, s = float(alpha_t), float(sigma_t)
+    if prediction_type == "epsilon":
+        return (1.0 / a, -s / a), (0.0, 1.0)
+    if prediction_type == "sample":
+        return (0.0, 1.0), (1.0 / s, -a / s)
+    if prediction_type == "v_prediction":
+        return (a, -s), (s, a)
+    if prediction_type == "flow":
+        return (1.0, -s), (1.0, a)
+    raise InputError(f"unknown prediction_type {prediction_type!r}")
+
+
 def _per_sample(values: np.ndarray, ndim: int) -> np.ndarray:
     """(B,) -> (B, 1, ..., 1) so that it broadcasts against a (B, ...) array of ``ndim`` dimensions."""
     return values.reshape(values.shape + (1,) * (ndim - values.ndim))
@@ -215,9 +236,11 @@ def check_step_order(name: str, step_index: int, timesteps: np.ndarray, t: float
         )
 
 
-def not_ready(name: str) -> RuntimeError:
+def not_ready(name: str, method: str = "step") -> RuntimeError:
     """The error of a step before set_timesteps (a caller bug, so not a MedsrError)."""
-    return RuntimeError(f"{name}.step() called before set_timesteps(); call set_timesteps(num_inference_steps) first")
+    return RuntimeError(
+        f"{name}.{method}() called before set_timesteps(); call set_timesteps(num_inference_steps) first"
+    )
 
 
 def check_noise(noise: np.ndarray | None, sample: np.ndarray, name: str) -> np.ndarray:
@@ -244,3 +267,129 @@ class StepOutput:
 
     prev_sample: np.ndarray
     pred_original_sample: np.ndarray
+
+
+@dataclass(frozen=True)
+class StepCoefficients:
+    """One sampler step as coefficients, so that any array module (NumPy, CuPy, a graph) can apply it.
+
+    With x the sample, m the model output at (x, t), h the history (the previous step's ``pred_original_sample``,
+    which multistep solvers combine with this one's; Lu et al. 2022, DPM-Solver++ 2M) and z the step's standard
+    normal noise (stochastic samplers)::
+
+        pred_original_sample = x0 = clip(x0_sample x + x0_output m)
+        prev_sample = c_sample x + c_output m + c_history h + c_noise z + c_x0 x0
+
+    ``clip`` is elementwise clipping to [-clip_range, clip_range] when ``clip_range`` is not None (the config's
+    ``clip_sample``) and the identity otherwise. Clipping is not affine, so a clipping step keeps the clipped x0 as
+    a term of its own (``c_x0``); every other step folds x0 into ``c_sample`` and ``c_output`` and has c_x0 = 0.
+    A history or noise term whose coefficient is 0 is skipped (its array may be None), as is a zero c_x0. `apply_coefficients` evaluates the form.
+
+    Every coefficient is a Python float (so float32 arrays stay float32 under NumPy's promotion rules).
+
+    Attributes:
+        c_sample, c_output, c_history, c_noise, c_x0 (`float`): the weights of prev_sample.
+        x0_sample, x0_output (`float`): the weights of pred_original_sample, before clipping.
+        clip_range (`float` or None): the clipping bound of x0, None when the step does not clip.
+    """
+
+    c_sample: float
+    c_output: float
+    x0_sample: float
+    x0_output: float
+    c_history: float = 0.0
+    c_noise: float = 0.0
+    c_x0: float = 0.0
+    clip_range: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("c_sample", "c_output", "x0_sample", "x0_output", "c_history", "c_noise", "c_x0"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+        if self.clip_range is not None:
+            object.__setattr__(self, "clip_range", float(self.clip_range))
+
+    @property
+    def needs_history(self) -> bool:
+        """True when the step reads the previous step's pred_original_sample."""
+        return self.c_history != 0.0
+
+    @property
+    def needs_noise(self) -> bool:
+        """True when the step adds noise. The caller of a stochastic sampler still draws noise at every step
+        (``scheduler.stochastic``) so that its random stream matches `step`'s."""
+        return self.c_noise != 0.0
+
+
+def apply_coefficients(
+    coeffs: StepCoefficients,
+    sample,
+    model_output,
+    history=None,
+    noise=None,
+    xp=np,
+) -> StepOutput:
+    """Evaluate a `StepCoefficients` on arrays of any array module ``xp`` (NumPy by default; CuPy's arrays and
+    ``cupy`` as ``xp`` work unchanged, only ``xp.clip`` is called).
+
+    The arithmetic runs in the arrays' own dtype (float32 latents stay float32; `step` computes in float64 and
+    casts, so the two then agree to float32 rounding; in float64 they agree to float64 rounding).
+
+    Args:
+        coeffs: the step's coefficients (`step_coefficients` of the scheduler).
+        sample: x, the current sample.
+        model_output: the denoiser's output at (sample, t).
+        history: the previous step's ``pred_original_sample``; needed when ``coeffs.c_history != 0``.
+        noise: standard normal, shaped like the sample; needed when ``coeffs.c_noise != 0``.
+        xp: the array module of the arrays.
+
+    Returns:
+        `StepOutput` (prev_sample, pred_original_sample), arrays of ``xp``.
+
+    Raises:
+        InputError: history or noise missing where the coefficients need them.
+    """
+    c = coeffs
+    x0 = c.x0_sample * sample + c.x0_output * model_output
+    if c.clip_range is not None:
+        x0 = xp.clip(x0, -c.clip_range, c.clip_range)
+    prev = c.c_sample * sample + c.c_output * model_output
+    if c.c_x0:
+        prev = prev + c.c_x0 * x0
+    if c.c_history:
+        if history is None:
+            raise InputError("apply_coefficients: this step combines the previous x0 and needs `history`")
+        prev = prev + c.c_history * history
+    if c.c_noise:
+        if noise is None:
+            raise InputError("apply_coefficients: this step is stochastic and needs `noise`")
+        prev = prev + c.c_noise * noise
+    return StepOutput(prev_sample=prev, pred_original_sample=x0)
+
+
+def check_step_index(name: str, timesteps: np.ndarray, t: float, step_index: int | None, tolerance: float = 0.0) -> int:
+    """The position of ``t`` in ``timesteps`` for `step_coefficients`: ``step_index`` when given (checked against
+    ``timesteps[step_index]`` to within ``tolerance``), else the unique position of t. ``name`` opens the error.
+
+    Raises:
+        InputError: t not among the timesteps, at another position than ``step_index``, or repeated there (then
+            the caller must say which step it means).
+    """
+    if step_index is not None:
+        n = len(timesteps)
+        if isinstance(step_index, bool) or not isinstance(step_index, (int, np.integer)) or not 0 <= step_index < n:
+            raise InputError(f"{name}: step_index must be an int in [0, {n - 1}], got {step_index!r}")
+        if not np.isclose(t, timesteps[step_index], rtol=tolerance, atol=tolerance):
+            raise InputError(f"{name}: step {step_index} has timestep {timesteps[step_index]}, got {t}")
+        return int(step_index)
+    positions = np.flatnonzero(np.isclose(timesteps, t, rtol=tolerance, atol=tolerance))
+    if positions.size == 0:
+        raise InputError(f"{name}: timestep {t} is not one of the scheduler's timesteps")
+    if positions.size > 1:
+        raise InputError(f"{name}: timestep {t} occurs at steps {positions.tolist()}; pass step_index")
+    return int(positions[0])
+
+
+def trajectory_coefficients(scheduler) -> list[StepCoefficients]:
+    """Every step's `StepCoefficients` after ``scheduler.set_timesteps``, in order (entry i for ``timesteps[i]``),
+    for a loop that applies them on the device; the scheduler's own state is left as it is."""
+    return [scheduler.step_coefficients(t, step_index=i) for i, t in enumerate(scheduler.timesteps)]

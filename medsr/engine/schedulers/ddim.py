@@ -8,14 +8,17 @@ from medsr.bundle.scheduler import SchedulerConfig
 from medsr.errors import InputError
 
 from .common import (
+    StepCoefficients,
     StepOutput,
     TableScheduler,
     check_noise,
+    check_step_index,
     check_steps,
     not_ready,
     predict_x0_eps,
     spaced_timesteps,
     table_index,
+    x0_eps_coefficients,
 )
 
 
@@ -62,16 +65,8 @@ class DDIMScheduler(TableScheduler):
         Returns:
             `StepOutput` in the dtype of ``sample``.
         """
-        if self.num_inference_steps is None:
-            raise not_ready("DDIMScheduler")
-        cfg, T = self.config, self.config.num_train_timesteps
-        k = table_index(int(t), cfg)
-        if not 0 <= k < T:
-            raise InputError(f"DDIMScheduler.step: timestep {t} is outside [0, {T - 1}]")
-        k_prev = k - T // self.num_inference_steps
-        a = self.alphas_cumprod[k]
-        a_prev = self.alphas_cumprod[k_prev] if k_prev >= 0 else self.final_alpha_cumprod
-
+        cfg = self.config
+        a, a_prev = self._alphas(t, "step")
         x_t = np.asarray(sample, np.float64)
         x0, eps = predict_x0_eps(
             np.asarray(model_output, np.float64), x_t, np.sqrt(a), np.sqrt(1 - a), cfg.prediction_type
@@ -84,3 +79,58 @@ class DDIMScheduler(TableScheduler):
             x_prev = x_prev + sigma * check_noise(noise, sample, "DDIMScheduler")
         dtype = np.asarray(sample).dtype
         return StepOutput(prev_sample=x_prev.astype(dtype), pred_original_sample=x0.astype(dtype))
+
+    def step_coefficients(self, t: int, step_index: int | None = None) -> StepCoefficients:
+        """`step` at the model's timestep ``t`` as a `StepCoefficients` (apply with `apply_coefficients`).
+
+        With (x0, eps) = (x0_s x + x0_m m, eps_s x + eps_m m) from `x0_eps_coefficients` (DDIM eq. 12's
+        "predicted x0"), DDIM eq. 12 is prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z, so
+
+            c_sample = sqrt(a_prev) x0_s + sqrt(1 - a_prev - sigma^2) eps_s,   likewise c_output with x0_m, eps_m,
+            c_noise = sigma (DDIM eq. 16; 0 when eta = 0).
+
+        With ``clip_sample`` the clipped x0 keeps its own weight: c_x0 = sqrt(a_prev), and only the eps part is
+        folded (eps is the unclipped one, as in diffusers without ``use_clipped_model_output``).
+
+        Args:
+            t: int, the timestep the denoiser receives (any in the table, as for `step`).
+            step_index: optional position in `timesteps`, checked against t.
+        """
+        cfg = self.config
+        a, a_prev = self._alphas(t, "step_coefficients")
+        if step_index is not None:
+            check_step_index("DDIMScheduler.step_coefficients", self.timesteps, int(t), step_index)
+        (x0_s, x0_m), (eps_s, eps_m) = x0_eps_coefficients(np.sqrt(a), np.sqrt(1 - a), cfg.prediction_type)
+        sigma = cfg.eta * np.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
+        w_x0, w_eps = np.sqrt(a_prev), np.sqrt(1 - a_prev - sigma**2)
+        c_noise = sigma if self.stochastic else 0.0
+        if cfg.clip_sample:
+            return StepCoefficients(
+                c_sample=w_eps * eps_s,
+                c_output=w_eps * eps_m,
+                x0_sample=x0_s,
+                x0_output=x0_m,
+                c_noise=c_noise,
+                c_x0=w_x0,
+                clip_range=cfg.clip_sample_range,
+            )
+        return StepCoefficients(
+            c_sample=w_x0 * x0_s + w_eps * eps_s,
+            c_output=w_x0 * x0_m + w_eps * eps_m,
+            x0_sample=x0_s,
+            x0_output=x0_m,
+            c_noise=c_noise,
+        )
+
+    def _alphas(self, t: int, method: str) -> tuple[float, float]:
+        """(alpha_bar at t, alpha_bar at the next time k - T // n) for `step` and `step_coefficients`."""
+        if self.num_inference_steps is None:
+            raise not_ready("DDIMScheduler", method)
+        cfg, T = self.config, self.config.num_train_timesteps
+        k = table_index(int(t), cfg)
+        if not 0 <= k < T:
+            raise InputError(f"DDIMScheduler.{method}: timestep {t} is outside [0, {T - 1}]")
+        k_prev = k - T // self.num_inference_steps
+        a = self.alphas_cumprod[k]
+        a_prev = self.alphas_cumprod[k_prev] if k_prev >= 0 else self.final_alpha_cumprod
+        return a, a_prev

@@ -8,14 +8,17 @@ import numpy as np
 from medsr.bundle.scheduler import SchedulerConfig
 
 from .common import (
+    StepCoefficients,
     StepOutput,
     TableScheduler,
+    check_step_index,
     check_step_order,
     check_steps,
     not_ready,
     predict_x0_eps,
     spaced_timesteps,
     table_index,
+    x0_eps_coefficients,
 )
 
 
@@ -96,3 +99,45 @@ class DPMSolverPlusPlus2MScheduler(TableScheduler):
         self._step_index += 1
         dtype = np.asarray(sample).dtype
         return StepOutput(prev_sample=x_t.astype(dtype), pred_original_sample=D0.astype(dtype))
+
+    def step_coefficients(self, t: int, step_index: int | None = None) -> StepCoefficients:
+        """The i-th `step` (t = ``timesteps[i]``) as a `StepCoefficients` (apply with `apply_coefficients`), without
+        touching the solver's state: the history it combines is the previous step's ``pred_original_sample``.
+
+        With D0 = x0_s x + x0_m m (`x0_eps_coefficients`) and E = -alpha_t (exp(-h) - 1), Lu et al. 2022
+        (Algorithm 2, DPM-Solver++ 2M with the midpoint update, as in `step`):
+
+            first order (i = 0 and the last step): prev = (sigma_t / sigma_s0) x + E D0
+            second order: prev = (sigma_t / sigma_s0) x + E (1 + 1 / (2 r0)) D0 - E / (2 r0) D_prev
+            final sigma_t = 0: prev = D0
+
+        so c_sample = sigma_t / sigma_s0 + w x0_s and c_output = w x0_m with w the weight of D0, and
+        c_history = -E / (2 r0) on the history D_prev.
+
+        Args:
+            t: the timestep the denoiser receives at step i.
+            step_index: i; needed only when t is ambiguous (never on this solver's grids), checked against t.
+        """
+        if self._alpha is None:
+            raise not_ready("DPMSolverPlusPlus2MScheduler", "step_coefficients")
+        i = check_step_index("DPMSolverPlusPlus2MScheduler.step_coefficients", self.timesteps, t, step_index)
+        alpha_s0, sigma_s0, alpha_t, sigma_t = self._alpha[i], self._sigma[i], self._alpha[i + 1], self._sigma[i + 1]
+        (x0_s, x0_m), _ = x0_eps_coefficients(alpha_s0, sigma_s0, self.config.prediction_type)
+        if sigma_t == 0.0:
+            return StepCoefficients(c_sample=x0_s, c_output=x0_m, x0_sample=x0_s, x0_output=x0_m)
+        lambda_s0, lambda_t = np.log(alpha_s0 / sigma_s0), np.log(alpha_t / sigma_t)
+        h = lambda_t - lambda_s0
+        E = -alpha_t * np.expm1(-h)
+        if i == 0 or i == len(self.timesteps) - 1:
+            w_d0, w_prev = E, 0.0
+        else:
+            h_0 = lambda_s0 - np.log(self._alpha[i - 1] / self._sigma[i - 1])
+            r0 = h_0 / h
+            w_d0, w_prev = E * (1.0 + 0.5 / r0), -0.5 * E / r0
+        return StepCoefficients(
+            c_sample=sigma_t / sigma_s0 + w_d0 * x0_s,
+            c_output=w_d0 * x0_m,
+            x0_sample=x0_s,
+            x0_output=x0_m,
+            c_history=w_prev,
+        )

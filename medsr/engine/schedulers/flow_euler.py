@@ -7,7 +7,16 @@ import numpy as np
 
 from medsr.bundle.scheduler import SchedulerConfig
 
-from .common import StepOutput, check_step_order, check_steps, not_ready, predict_x0_eps
+from .common import (
+    StepCoefficients,
+    StepOutput,
+    check_step_index,
+    check_step_order,
+    check_steps,
+    not_ready,
+    predict_x0_eps,
+    x0_eps_coefficients,
+)
 
 
 class FlowEulerScheduler:
@@ -88,3 +97,30 @@ class FlowEulerScheduler:
         self._step_index += 1
         dtype = np.asarray(sample).dtype
         return StepOutput(prev_sample=x_next.astype(dtype), pred_original_sample=x0.astype(dtype))
+
+    def step_coefficients(self, t: float, step_index: int | None = None) -> StepCoefficients:
+        """The i-th `step` (t = ``timesteps[i]``) as a `StepCoefficients` (apply with `apply_coefficients`), without
+        touching the step counter.
+
+        With (x0, eps) = (x0_s x + x0_m m, eps_s x + eps_m m) from `x0_eps_coefficients` at alpha = 1 - sigma
+        (m negated first for the paper's velocity z_HR - eps), the Euler step x + (sigma_next - sigma)(eps - x0) is
+
+            c_sample = 1 + dt (eps_s - x0_s),  c_output = dt (eps_m - x0_m),  dt = sigma_next - sigma
+
+        (a ``"flow"`` output: c_sample = 1, c_output = dt, or -dt in the paper's convention, i.e. z + v / n).
+
+        Args:
+            t: the timestep the denoiser receives at step i (to within 1e-6, as `step` checks it).
+            step_index: i; required where t repeats (the paper's convention with n = T gives timestep 0 twice).
+        """
+        if self.sigmas is None:
+            raise not_ready("FlowEulerScheduler", "step_coefficients")
+        i = check_step_index("FlowEulerScheduler.step_coefficients", self.timesteps, t, step_index, tolerance=1e-6)
+        sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
+        sign = -1.0 if self.config.flow_convention == "latentsr" and self.config.prediction_type == "flow" else 1.0
+        (x0_s, x0_m), (eps_s, eps_m) = x0_eps_coefficients(1.0 - sigma, sigma, self.config.prediction_type)
+        x0_m, eps_m = sign * x0_m, sign * eps_m
+        dt = sigma_next - sigma
+        return StepCoefficients(
+            c_sample=1.0 + dt * (eps_s - x0_s), c_output=dt * (eps_m - x0_m), x0_sample=x0_s, x0_output=x0_m
+        )

@@ -8,7 +8,17 @@ import numpy as np
 from medsr.bundle.scheduler import SchedulerConfig
 from medsr.errors import InputError
 
-from .common import StepOutput, TableScheduler, check_steps, not_ready, predict_x0_eps, table_index
+from .common import (
+    StepCoefficients,
+    StepOutput,
+    TableScheduler,
+    check_step_index,
+    check_steps,
+    not_ready,
+    predict_x0_eps,
+    table_index,
+    x0_eps_coefficients,
+)
 
 #: the paper's code recovers eps as (z - sqrt(a) x0) / (sqrt(1 - a) + 1e-4)
 SIGMA_OFFSET = 1e-4
@@ -61,12 +71,8 @@ class LatentSRScheduler(TableScheduler):
         Returns:
             `StepOutput` in the dtype of ``sample``; at the last timestep ``prev_sample`` is the x0 prediction.
         """
-        if self.num_inference_steps is None:
-            raise not_ready("LatentSRScheduler")
         T = self.config.num_train_timesteps
-        i = T - 1 - table_index(int(t), self.config)
-        if not 0 <= i < self.num_inference_steps:
-            raise InputError(f"LatentSRScheduler.step: timestep {t} is not one of the scheduler's timesteps")
+        i = self._index(t, "step")
         dtype = np.asarray(sample).dtype
         x0 = np.asarray(model_output, np.float64)
         if i == self.num_inference_steps - 1:
@@ -76,3 +82,40 @@ class LatentSRScheduler(TableScheduler):
         x0, eps = predict_x0_eps(x0, z, np.sqrt(a), np.sqrt(1 - a) + SIGMA_OFFSET, "sample")
         z = z + (np.sqrt(a_next) - np.sqrt(a)) * x0 + (np.sqrt(1 - a_next) - np.sqrt(1 - a)) * eps
         return StepOutput(prev_sample=z.astype(dtype), pred_original_sample=x0.astype(dtype))
+
+    def step_coefficients(self, t: int, step_index: int | None = None) -> StepCoefficients:
+        """`step` at the model's timestep ``t`` as a `StepCoefficients` (apply with `apply_coefficients`).
+
+        With s_i = sqrt(1 - a_i) + 1e-4 the paper's eps = (z - sqrt(a_i) x0) / s_i, its update
+        z + (sqrt(a_{i+1}) - sqrt(a_i)) x0 + (sqrt(1 - a_{i+1}) - sqrt(1 - a_i)) eps is, with d = sqrt(1 - a_{i+1})
+        - sqrt(1 - a_i) and the model output m = x0:
+
+            c_sample = 1 + d / s_i,  c_output = sqrt(a_{i+1}) - sqrt(a_i) - d sqrt(a_i) / s_i
+
+        and the last step returns x0 (c_sample = 0, c_output = 1). pred_original_sample is m itself.
+
+        Args:
+            t: int, the timestep the denoiser receives, an entry of `timesteps`.
+            step_index: optional position in `timesteps`, checked against t.
+        """
+        i = self._index(t, "step_coefficients")
+        if step_index is not None:
+            check_step_index("LatentSRScheduler.step_coefficients", self.timesteps, int(t), step_index)
+        if i == self.num_inference_steps - 1:
+            return StepCoefficients(c_sample=0.0, c_output=1.0, x0_sample=0.0, x0_output=1.0)
+        T = self.config.num_train_timesteps
+        a, a_next = self.alphas_cumprod[T - 1 - i], self.alphas_cumprod[T - 2 - i]
+        _, (eps_s, eps_m) = x0_eps_coefficients(np.sqrt(a), np.sqrt(1 - a) + SIGMA_OFFSET, "sample")
+        d = np.sqrt(1 - a_next) - np.sqrt(1 - a)
+        return StepCoefficients(
+            c_sample=1.0 + d * eps_s, c_output=np.sqrt(a_next) - np.sqrt(a) + d * eps_m, x0_sample=0.0, x0_output=1.0
+        )
+
+    def _index(self, t: int, method: str) -> int:
+        """The step i of the model's timestep t (the paper's loop counter)."""
+        if self.num_inference_steps is None:
+            raise not_ready("LatentSRScheduler", method)
+        i = self.config.num_train_timesteps - 1 - table_index(int(t), self.config)
+        if not 0 <= i < self.num_inference_steps:
+            raise InputError(f"LatentSRScheduler.{method}: timestep {t} is not one of the scheduler's timesteps")
+        return i
