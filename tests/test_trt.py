@@ -1,6 +1,7 @@
 """TensorRT without a GPU: plan cache keys and stale plans, the engine cache, profile choice, builder recipes and
-``auto``, CUDA-graph replay and the errors when TensorRT or a GPU is missing (fakes of tests/trt_fakes.py stand in
-for tensorrt and CUDA)."""
+``auto``, the TensorRT versions and the precisions each builds, CUDA-graph replay and capture failures, the CUDA
+runtime wrapper, and the errors when TensorRT, a GPU or a driver is missing (fakes of tests/trt_fakes.py stand in
+for tensorrt and CUDA; each fake tensorrt has exactly the names of one real version, tests/test_trt_api_surface.py)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from fresh_python import run_python
-from trt_fakes import FakeCuda, fake_bundle, fake_tensorrt
+from trt_fakes import TRT10, TRT11, FakeCuda, FakeCudart, fake_bundle, fake_tensorrt
 
 import medsr.engine.precision as precision_module
 from medsr.engine.cuda import CudaRuntime, GpuInfo
 from medsr.engine.precision import PRECISIONS
 from medsr.engine.profiles import ShapeProfile, choose_profile, graph_input_shapes, static_profiles
 from medsr.engine.trt import PlanCache, PlanKey, TrtSession, open_trt_sessions
-from medsr.engine.trt_build import RECIPES, build_plan, pin_fp32_layers, precision_plan, recipe_id
+from medsr.engine.trt_build import RECIPES, build_plan, pin_fp32_layers, precision_plan, recipe_id, trt_features
 from medsr.errors import BackendError, ShapeError
 
 KEY = PlanKey(
@@ -201,10 +202,12 @@ def test_open_trt_sessions_shares_the_engine_cache_and_checks_precision(tmp_path
     sessions = open_trt_sessions(
         bundle, {"vae_encoder": "fp32", "vae_decoder": "fp32", "denoiser": "fp16"}, trt=fake_tensorrt(cuda), cuda=cuda
     )
-    assert sessions["denoiser"].providers == ("TensorRT-10.8.0-fp16",)
-    plans = tmp_path / "cache" / "engines" / manifest_digest(bundle) / "tensorrt-10.8.0" / "NVIDIA_H100_80GB_HBM3-sm9.0"
+    assert sessions["denoiser"].providers == (f"TensorRT-{TRT10}-fp16",)
+    plans = (
+        tmp_path / "cache" / "engines" / manifest_digest(bundle) / f"tensorrt-{TRT10}" / "NVIDIA_H100_80GB_HBM3-sm9.0"
+    )
     assert sessions["vae_decoder"].cache.root == plans and sessions["denoiser"].cache is sessions["vae_decoder"].cache
-    timings = tmp_path / "cache" / "runtimes" / "tensorrt-10.8.0" / "NVIDIA_H100_80GB_HBM3-sm9.0" / "timing.cache"
+    timings = tmp_path / "cache" / "runtimes" / f"tensorrt-{TRT10}" / "NVIDIA_H100_80GB_HBM3-sm9.0" / "timing.cache"
     assert sessions["denoiser"].timing_cache == timings
     sessions["denoiser"].builder = lambda path, profile, precision: b"plan:denoiser"
     sessions["denoiser"].run(denoiser_feeds())
@@ -252,7 +255,7 @@ def test_auto_keeps_fp16_only_where_the_end_to_end_probe_passes(tmp_path, monkey
     sessions = open_trt_sessions(fake_bundle(tmp_path / "bundle"), "auto", trt=fake_tensorrt(cuda), cuda=cuda)
     chosen = {graph: session.precision for graph, session in sessions.items()}
     assert chosen == {"denoiser": "fp16", "vae_decoder": "fp32", "vae_encoder": "fp16"}
-    assert sessions["denoiser"].providers == ("TensorRT-10.8.0-fp16 (auto: 74.0 dB vs fp32 on the probe)",)
+    assert sessions["denoiser"].providers == (f"TensorRT-{TRT10}-fp16 (auto: 74.0 dB vs fp32 on the probe)",)
     mixed = {"denoiser": "auto", "vae_encoder": "fp32", "vae_decoder": "fp32"}
     with pytest.raises(BackendError, match="auto applies to every graph or none"):
         open_trt_sessions(fake_bundle(tmp_path / "bundle"), mixed, trt=fake_tensorrt(cuda), cuda=cuda)
@@ -272,101 +275,178 @@ def test_precision_plans():
     assert len({recipe_id(p) for p in RECIPES}) == len(RECIPES)
 
 
-class _Layer:
-    def __init__(self, name, kind, outputs=1):
-        self.name, self.type, self.num_outputs, self.precision, self.output_types = name, kind, outputs, None, {}
-
-    def set_output_type(self, index, dtype):
-        self.output_types[index] = dtype
-
-
-def _fake_network():
-    layers = [
-        _Layer("conv", "CONVOLUTION"),
-        _Layer("groupnorm", "NORMALIZATION"),
-        _Layer("softmax", "SOFTMAX"),
-        _Layer("mean", "REDUCE", 2),
-    ]
-    return SimpleNamespace(num_layers=len(layers), get_layer=layers.__getitem__), layers
+def fake_network(version=TRT10):
+    """The fake network of a fake build on ``version`` and its layers (conv, groupnorm, softmax, 2-output mean)."""
+    trt = fake_tensorrt(version=version)
+    network = trt.Builder(trt.Logger(trt.Logger.WARNING)).create_network(0)
+    return trt, network, [network.get_layer(i) for i in range(network.num_layers)]
 
 
 def test_norms_and_softmax_are_pinned_to_fp32():
-    trt = SimpleNamespace(
-        LayerType=SimpleNamespace(NORMALIZATION="NORMALIZATION", SOFTMAX="SOFTMAX", REDUCE="REDUCE"), float32="f32"
-    )
-    network, layers = _fake_network()
+    trt, network, layers = fake_network()
     assert pin_fp32_layers(trt, network, precision_plan("fp16").fp32_layer_types) == ["groupnorm", "softmax", "mean"]
-    assert (
-        layers[0].precision is None and layers[1].precision == "f32" and layers[3].output_types == {0: "f32", 1: "f32"}
-    )
+    assert layers[0].precision is None and layers[1].precision == trt.float32
+    assert layers[3]._state["output_types"] == {0: trt.float32, 1: trt.float32}
     assert pin_fp32_layers(trt, network, precision_plan("fp16-all").fp32_layer_types) == []
 
 
-def test_build_plan_sets_flags_profile_and_timing_cache(tmp_path):
-    recorded = {"set": [], "clear": [], "shapes": []}
-    network, _ = _fake_network()
+def test_the_fake_of_tensorrt_11_has_no_weak_typing():
+    """As in the real 11.x bindings: no fp16/bf16 builder flags, no per-layer precision (so pinning would fail)."""
+    trt, network, layers = fake_network(TRT11)
+    for missing in ("FP16", "BF16", "OBEY_PRECISION_CONSTRAINTS"):
+        assert not hasattr(trt.BuilderFlag, missing)
+    assert hasattr(trt.BuilderFlag, "TF32") and not hasattr(layers[1], "precision")
+    with pytest.raises(AttributeError):
+        layers[1].set_output_type(0, trt.float32)
+    with pytest.raises(AttributeError, match="ILayer"):
+        pin_fp32_layers(trt, network, precision_plan("fp16").fp32_layer_types)
 
-    class Config:
-        def set_flag(self, flag):
-            recorded["set"].append(flag)
 
-        def clear_flag(self, flag):
-            recorded["clear"].append(flag)
+@pytest.mark.parametrize(
+    "version, ok",
+    [
+        ("9.3.0", False),
+        ("10.7.0", False),
+        ("10.8.0.43", True),
+        ("10.16.1.11", True),
+        ("11.4.0.106", True),
+        ("12.0", False),
+    ],
+)
+def test_supported_tensorrt_versions(version, ok):
+    if ok:
+        assert trt_features(version).version == version
+        return
+    with pytest.raises(BackendError) as caught:
+        trt_features(version)
+    message = str(caught.value)
+    assert "\n" not in message and version in message and "10.8 to 11.x" in message
+    assert "pip install 'tensorrt>=10.8,<12'" in message
 
-        def add_optimization_profile(self, profile):
-            pass
 
-        def create_timing_cache(self, data):
-            recorded["cache_in"] = data
-            return data
+def test_each_version_builds_the_precisions_it_has():
+    assert trt_features(TRT10).precisions == tuple(RECIPES) and trt_features(TRT10).weak_typing
+    assert trt_features(TRT11).precisions == ("fp32", "tf32") and not trt_features(TRT11).weak_typing
+    assert set(trt_features(TRT11).api_names) < set(trt_features(TRT10).api_names)
 
-        def set_timing_cache(self, cache, ignore_mismatch):
-            pass
 
-        def get_timing_cache(self):
-            return SimpleNamespace(serialize=lambda: b"timings")
+@pytest.mark.parametrize("precision", ["fp16", "fp16-all", "bf16", "auto"])
+def test_tensorrt_11_refuses_reduced_precisions_in_one_line(tmp_path, monkeypatch, precision):
+    """On 11.x, fp16/bf16 (and auto, which needs fp16) are one BackendError naming the version and what it runs,
+    before the GPU is touched, not an AttributeError on BuilderFlag.FP16."""
+    monkeypatch.setenv("MEDSR_CACHE", str(tmp_path / "cache"))
+    cuda = FakeCuda()
+    with pytest.raises(BackendError) as caught:
+        open_trt_sessions(fake_bundle(tmp_path / "b"), precision, trt=fake_tensorrt(cuda, TRT11), cuda=cuda)
+    message = str(caught.value)
+    assert "\n" not in message and f"TensorRT {TRT11} runs --precision fp32, tf32" in message
+    assert f"not {precision}" in message and "pip install 'tensorrt>=10.8,<11'" in message
+    profile = static_profiles(fake_bundle(tmp_path / "b"), 1, 64, 64)["denoiser"]
+    if precision != "auto":
+        with pytest.raises(BackendError, match="runs --precision fp32, tf32"):
+            build_plan(fake_tensorrt(version=TRT11), tmp_path / "denoiser.onnx", profile, precision)
 
-    class Builder:
-        def __init__(self, logger):
-            pass
 
-        def create_network(self, flags):
-            return network
+def test_import_tensorrt_refuses_an_unsupported_version(monkeypatch):
+    import sys
 
-        def create_builder_config(self):
-            return Config()
+    from medsr.engine.trt import import_tensorrt
 
-        def create_optimization_profile(self):
-            return SimpleNamespace(set_shape=lambda *args: recorded["shapes"].append(args))
+    monkeypatch.setitem(sys.modules, "tensorrt", SimpleNamespace(__version__="10.3.0"))
+    with pytest.raises(BackendError, match=r"supports TensorRT 10.8 to 11.x, found 10.3.0: pip install"):
+        import_tensorrt()
+    real_like = fake_tensorrt(version=TRT11)
+    monkeypatch.setitem(sys.modules, "tensorrt", real_like)
+    assert import_tensorrt() is real_like
 
-        def build_serialized_network(self, net, config):
-            return b"plan:denoiser"
 
-    parser = SimpleNamespace(parse_from_file=lambda path: True, num_errors=0)
-    trt = SimpleNamespace(
-        Logger=type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None}),
-        Builder=Builder,
-        OnnxParser=lambda net, logger: parser,
-        BuilderFlag=SimpleNamespace(FP16="FP16", OBEY_PRECISION_CONSTRAINTS="OBEY"),
-        LayerType=SimpleNamespace(NORMALIZATION="NORMALIZATION", SOFTMAX="SOFTMAX", REDUCE="REDUCE"),
-        float32="f32",
-    )
+@pytest.mark.parametrize(
+    "version, precision, flags, cleared, pinned",
+    [
+        (TRT10, "fp16", ["FP16", "OBEY_PRECISION_CONSTRAINTS"], [], 3),
+        (TRT10, "bf16", ["BF16"], [], 0),
+        (TRT10, "fp32", [], ["TF32"], 0),
+        (TRT11, "fp32", [], ["TF32"], 0),
+        (TRT11, "tf32", ["TF32"], [], 0),
+    ],
+)
+def test_build_plan_sets_flags_profile_and_timing_cache(tmp_path, version, precision, flags, cleared, pinned):
+    trt = fake_tensorrt(version=version)
     profile = static_profiles(fake_bundle(tmp_path), 1, 64, 64)["denoiser"]
     cache = tmp_path / "engines" / "timing.cache"
-    assert build_plan(trt, tmp_path / "denoiser.onnx", profile, "fp16", timing_cache=cache) == b"plan:denoiser"
-    assert recorded["set"] == ["FP16", "OBEY"] and recorded["cache_in"] == b"" and cache.read_bytes() == b"timings"
-    assert recorded["shapes"][0] == ("sample", (1, 3, 64, 64), (1, 3, 64, 64), (1, 3, 64, 64))
-    parser.parse_from_file = lambda path: False
-    parser.get_error = lambda i: "Unsupported operator GridSample"
-    parser.num_errors = 1
+    plan = build_plan(trt, tmp_path / "denoiser.onnx", profile, precision, timing_cache=cache, workspace_bytes=1 << 30)
+    assert plan == b"plan:denoiser"
+    (build,) = trt._builds
+    assert build["flags"] == flags and build["cleared"] == cleared and build["network_flags"] == 0
+    assert build["pool"] == (trt.MemoryPoolType.WORKSPACE, 1 << 30)
+    assert sum(layer._state["precision"] is not None for layer in build["layers"]) == pinned
+    assert build["cache_in"] == [b""] and cache.read_bytes() == b"timings" and build["profiles"] == 1
+    assert build["shapes"][0] == ("sample", (1, 3, 64, 64), (1, 3, 64, 64), (1, 3, 64, 64))
+    trt.OnnxParser.errors = ("Unsupported operator GridSample",)
     with pytest.raises(BackendError, match="could not parse denoiser.onnx: Unsupported operator GridSample"):
-        build_plan(trt, tmp_path / "denoiser.onnx", profile, "fp16")
+        build_plan(trt, tmp_path / "denoiser.onnx", profile, precision)
+
+
+def test_a_refused_timing_cache_is_replaced_with_a_warning(tmp_path):
+    """set_timing_cache returns False for a cache from another GPU or TensorRT: build with a new cache (one warning)
+    and write it over the old file; a new cache refused too builds without one and leaves the file alone."""
+    profile = static_profiles(fake_bundle(tmp_path), 1, 64, 64)["denoiser"]
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"from another GPU")
+    trt = fake_tensorrt(refuse_timing_cache=1)
+    with pytest.warns(UserWarning, match="refused the timing cache .*timing.cache.*building with a new one"):
+        build_plan(trt, tmp_path / "denoiser.onnx", profile, "fp16", timing_cache=cache)
+    assert trt._builds[0]["cache_in"] == [b"from another GPU", b""] and cache.read_bytes() == b"timings"
+    cache.write_bytes(b"from another GPU")
+    trt = fake_tensorrt(refuse_timing_cache=2)
+    with pytest.warns(UserWarning) as caught:
+        assert build_plan(trt, tmp_path / "denoiser.onnx", profile, "fp16", timing_cache=cache) == b"plan:denoiser"
+    assert "building without one" in str(caught[-1].message) and cache.read_bytes() == b"from another GPU"
+
+
+def test_one_logger_serves_every_build_and_runtime(tmp_path):
+    cuda = FakeCuda()
+    trt = fake_tensorrt(cuda)
+    profile = static_profiles(fake_bundle(tmp_path), 1, 64, 64)["denoiser"]
+    for _ in range(2):
+        build_plan(trt, tmp_path / "denoiser.onnx", profile, "fp32")
+    session, _ = make_session(tmp_path, cuda=cuda, trt=trt)
+    session.run(denoiser_feeds())
+    session.run(denoiser_feeds(batch=2))
+    assert len(trt._loggers) == 1 and len(trt._builds) == 2 and len(trt._engines) == 2
+
+
+def test_a_failed_capture_ends_the_capture(tmp_path):
+    """An error while a CUDA graph is captured ends the capture (else the stream stays in capture mode and every
+    later call fails); the error reaches the caller and the next run captures again."""
+    cuda = FakeCuda()
+    trt = fake_tensorrt(cuda)
+    session, _ = make_session(tmp_path, cuda=cuda, trt=trt)
+    feeds = denoiser_feeds()
+    executor = session.executor({name: feeds[name].shape for name in session.input_names})
+    executor.engine._fail_executions = 0
+    real_enqueue = executor._enqueue
+    calls = []
+
+    def enqueue():
+        calls.append(cuda.capturing)
+        if cuda.capturing and len(calls) == 2:
+            raise RuntimeError("copy failed during capture")
+        real_enqueue()
+
+    executor._enqueue = enqueue
+    with pytest.raises(RuntimeError, match="during capture"):
+        session.run(feeds)
+    assert cuda.aborted == 1 and not cuda.capturing and executor.graph is None
+    out = session.run(feeds)["model_output"]  # eager run, then a capture that succeeds
+    np.testing.assert_allclose(out, 2 * feeds["sample"] + feeds["lr_latent"].mean(), rtol=1e-6)
+    assert executor.graph is not None and cuda.launches == 1
 
 
 # --- missing TensorRT, missing GPU -------------------------------------------------------------------------------
 
 
-def test_missing_tensorrt_names_the_extra():
+def test_missing_tensorrt_names_what_to_install():
     code = (
         "import sys; sys.modules['tensorrt'] = None\n"
         "from medsr.engine.trt import import_tensorrt\n"
@@ -374,7 +454,8 @@ def test_missing_tensorrt_names_the_extra():
         "try:\n    import_tensorrt()\nexcept BackendError as exc:\n    print(exc)\n"
     )
     run = run_python(code)
-    assert "needs TensorRT >= 10" in run.stdout and "pip install 'medsr[gpu]'" in run.stdout, run.stderr
+    assert "needs TensorRT 10.8 to 11.x" in run.stdout and "pip install 'medsr[gpu]'" in run.stdout, run.stderr
+    assert "pip install 'tensorrt>=10.8,<12'" in run.stdout
 
 
 def test_trt_needs_cuda_device_and_a_visible_gpu(tmp_path):
@@ -382,17 +463,57 @@ def test_trt_needs_cuda_device_and_a_visible_gpu(tmp_path):
 
     with pytest.raises(BackendError, match="pass --device cuda"):
         open_sessions(fake_bundle(tmp_path), "trt", device="cpu")
-    no_gpu = SimpleNamespace(cudaGetDeviceCount=lambda: (0, 0))
     with pytest.raises(BackendError, match="needs a CUDA GPU and none is visible"):
-        CudaRuntime(no_gpu)
-    broken = SimpleNamespace(cudaGetDeviceCount=lambda: (100, 0))  # cudaErrorNoDevice
+        CudaRuntime(FakeCudart(devices=0))
     with pytest.raises(BackendError, match="cudaGetDeviceCount failed"):
-        CudaRuntime(broken)
+        CudaRuntime(FakeCudart(fail={"cudaGetDeviceCount": 999}))  # cudaErrorUnknown
 
 
-def test_cuda_runtime_reads_the_gpu_name_and_capability():
-    props = SimpleNamespace(name=b"NVIDIA H200\x00\x00", major=9, minor=0)
-    cudart = SimpleNamespace(
-        cudaGetDeviceCount=lambda: (0, 1), cudaStreamCreate=lambda: (0, 5), cudaGetDeviceProperties=lambda i: (0, props)
-    )
-    assert CudaRuntime(cudart).gpu() == GpuInfo("NVIDIA H200", "9.0")
+def test_no_driver_or_an_old_one_gets_an_install_hint():
+    """cudaErrorInsufficientDriver becomes what to install: the driver when there is none (the real cuda-bindings
+    12 and 13 without libcuda report this, tests/test_trt_api_surface.py), a newer one or a matching cuda-python
+    when it is older than the runtime (cuda-python 13 needs a driver >= 580)."""
+    with pytest.raises(BackendError) as caught:
+        CudaRuntime(FakeCudart(driver=0, runtime=13000))
+    assert "found no NVIDIA driver" in str(caught.value) and ">= 580" in str(caught.value)
+    with pytest.raises(BackendError, match=">= 525 for the installed cuda-python 12.x"):
+        CudaRuntime(FakeCudart(driver=0, runtime=12090))
+    with pytest.raises(BackendError) as caught:
+        CudaRuntime(FakeCudart(driver=12040, runtime=13000))
+    message = str(caught.value)
+    assert "supports CUDA 12.4" in message and "driver >= 580" in message and "'cuda-python>=12,<13'" in message
+    assert "cudaErrorInsufficientDriver" not in message and "\n" not in message
+
+
+def test_cuda_runtime_uses_a_non_blocking_stream_and_reads_the_gpu():
+    cudart = FakeCudart()
+    cuda = CudaRuntime(cudart)
+    assert ("cudaStreamCreateWithFlags", cudart.cudaStreamNonBlocking) in cudart.calls
+    assert cuda.gpu() == GpuInfo("NVIDIA H200", "9.0") and cuda.stream_handle == int(cuda.stream)
+    stream = cuda.stream
+    cuda.close()
+    assert cudart.calls[-1] == ("cudaStreamDestroy", stream) and cuda.stream is None
+
+
+def test_cuda_runtime_round_trip_and_capture_bookkeeping():
+    cudart = FakeCudart()
+    cuda = CudaRuntime(cudart)
+    address, host = cuda.pinned((2, 3), np.float32)
+    host[...] = 1.5
+    assert host.shape == (2, 3) and cudart._host[address].view(np.float32).tolist() == [1.5] * 6
+    cuda.begin_capture()
+    cuda.copy_to_device(cuda.malloc(host.nbytes), address, host.nbytes)
+    graph = cuda.end_capture()
+    names = [call[0] for call in cudart.calls]
+    assert names[-3:] == ["cudaStreamEndCapture", "cudaGraphInstantiate", "cudaGraphDestroy"]
+    cuda.begin_capture()
+    cuda.abort_capture()  # ends the capture and frees what it recorded, whatever the statuses
+    assert [call[0] for call in cudart.calls][-2:] == ["cudaStreamEndCapture", "cudaGraphDestroy"]
+    cudart._fail["cudaGraphInstantiate"] = 1
+    cuda.begin_capture()
+    with pytest.raises(BackendError, match="cudaGraphInstantiate failed"):
+        cuda.end_capture()
+    assert cudart.calls[-1][0] == "cudaGraphDestroy"  # the captured graph is freed even when instantiation fails
+    cuda.destroy_graph(graph)
+    cuda.free_pinned(address)
+    assert cudart._host == {}

@@ -1,7 +1,11 @@
 """The few CUDA runtime calls the TensorRT engine needs, through NVIDIA's cuda-python bindings (no torch).
 
-Device buffers, pinned host buffers, one stream, asynchronous copies and CUDA graphs. Every call's status is checked
-and a failure raises BackendError naming the call. Imported lazily: only ``--engine trt`` needs it.
+Device buffers, pinned host buffers, one non-blocking stream, asynchronous copies and CUDA graphs. Every call's
+status is checked and a failure raises BackendError naming the call; a machine without a GPU or with a driver too old
+for the installed cuda-python says what to install instead of a bare CUDA error. cuda-python 13 needs an NVIDIA driver
+>= 580 and 12.x runs on 525+; ``cuda.cudart`` moved to ``cuda.bindings.runtime`` (docs/sources.md, "GPU engines").
+:data:`CUDART_API` lists every runtime name used here; tests/test_trt_api_surface.py checks it against the real
+cuda-bindings 12 and 13. Imported lazily: only ``--engine trt`` needs it.
 """
 
 from __future__ import annotations
@@ -14,6 +18,40 @@ import numpy as np
 from medsr.errors import BackendError
 
 GPU_EXTRA_HINT = "install the gpu extra on a machine with an NVIDIA GPU and driver: pip install 'medsr[gpu]'"
+#: Every name of the cuda-python runtime module medsr calls (functions, and "Enum.member").
+CUDART_API = (
+    "cudaGetDeviceCount",
+    "cudaDriverGetVersion",
+    "cudaRuntimeGetVersion",
+    "cudaGetDeviceProperties",
+    "cudaStreamCreateWithFlags",
+    "cudaStreamNonBlocking",
+    "cudaStreamDestroy",
+    "cudaMalloc",
+    "cudaFree",
+    "cudaMallocHost",
+    "cudaFreeHost",
+    "cudaMemcpyAsync",
+    "cudaMemcpyKind.cudaMemcpyHostToDevice",
+    "cudaMemcpyKind.cudaMemcpyDeviceToHost",
+    "cudaStreamSynchronize",
+    "cudaStreamBeginCapture",
+    "cudaStreamCaptureMode.cudaStreamCaptureModeGlobal",
+    "cudaStreamEndCapture",
+    "cudaGraphInstantiate",
+    "cudaGraphDestroy",
+    "cudaGraphLaunch",
+    "cudaGraphExecDestroy",
+    "cudaError_t.cudaErrorNoDevice",
+    "cudaError_t.cudaErrorInsufficientDriver",
+)
+#: The oldest NVIDIA driver each cuda-python major runs on.
+DRIVER_NEEDED = {12: "525", 13: "580"}
+
+
+def _cuda_version(code: int) -> str:
+    """12090 -> "12.9" (the encoding of cudaDriverGetVersion and cudaRuntimeGetVersion)."""
+    return f"{code // 1000}.{code % 1000 // 10}"
 
 
 def import_cudart():
@@ -41,10 +79,34 @@ class CudaRuntime:
 
     def __init__(self, cudart=None):
         self.cudart = cudart or import_cudart()
-        count = self._check("cudaGetDeviceCount", self.cudart.cudaGetDeviceCount())
-        if not count:
+        status, *rest = self.cudart.cudaGetDeviceCount()
+        errors = self.cudart.cudaError_t
+        if int(status) == int(errors.cudaErrorInsufficientDriver):
+            raise BackendError(self._driver_message())
+        if int(status) == int(errors.cudaErrorNoDevice) or (int(status) == 0 and not rest[0]):
             raise BackendError(f"--engine trt needs a CUDA GPU and none is visible; {GPU_EXTRA_HINT}")
-        self.stream = self._check("cudaStreamCreate", self.cudart.cudaStreamCreate())
+        self._check("cudaGetDeviceCount", (status, *rest))
+        # non-blocking: the legacy default stream (other libraries' work) never serializes with medsr's
+        flags = self.cudart.cudaStreamNonBlocking
+        self.stream = self._check("cudaStreamCreateWithFlags", self.cudart.cudaStreamCreateWithFlags(flags))
+
+    def _driver_message(self) -> str:
+        """Why the CUDA runtime cannot start (cudaErrorInsufficientDriver) and what to install."""
+        status, driver = self.cudart.cudaDriverGetVersion()
+        status_runtime, runtime = self.cudart.cudaRuntimeGetVersion()
+        runtime_major = runtime // 1000 if int(status_runtime) == 0 and runtime else 12
+        needed = DRIVER_NEEDED.get(runtime_major, DRIVER_NEEDED[13])
+        if int(status) != 0 or not driver:
+            return (
+                f"--engine trt found no NVIDIA driver (libcuda): install the NVIDIA driver (>= {needed} for the "
+                f"installed cuda-python {runtime_major}.x) on a machine with an NVIDIA GPU; without one, --engine ort "
+                "runs on the CPU"
+            )
+        return (
+            f"--engine trt: the NVIDIA driver supports CUDA {_cuda_version(driver)}, older than the installed "
+            f"cuda-python (CUDA {_cuda_version(runtime)}, driver >= {needed}): upgrade the driver, or pip install "
+            f"'cuda-python>={driver // 1000},<{driver // 1000 + 1}' to match it"
+        )
 
     def _check(self, call: str, result):
         """cuda-python returns (status, value...) tuples; raise on a non-success status, return the value(s)."""
@@ -98,12 +160,27 @@ class CudaRuntime:
     def end_capture(self):
         """Finish a capture; the instantiated executable graph."""
         graph = self._check("cudaStreamEndCapture", self.cudart.cudaStreamEndCapture(self.stream))
-        executable = self._check("cudaGraphInstantiate", self.cudart.cudaGraphInstantiate(graph, 0))
-        self._check("cudaGraphDestroy", self.cudart.cudaGraphDestroy(graph))
-        return executable
+        try:
+            return self._check("cudaGraphInstantiate", self.cudart.cudaGraphInstantiate(graph, 0))
+        finally:
+            self._check("cudaGraphDestroy", self.cudart.cudaGraphDestroy(graph))
+
+    def abort_capture(self) -> None:
+        """End a capture that failed midway, discarding what it recorded, so the stream leaves capture mode; its
+        statuses are ignored (the capture may already be invalidated): the caller re-raises the first error."""
+        result = self.cudart.cudaStreamEndCapture(self.stream)
+        graph = result[1] if isinstance(result, tuple) and len(result) > 1 else None
+        if graph is not None and int(graph):
+            self.cudart.cudaGraphDestroy(graph)
 
     def launch(self, executable) -> None:
         self._check("cudaGraphLaunch", self.cudart.cudaGraphLaunch(executable, self.stream))
 
     def destroy_graph(self, executable) -> None:
         self._check("cudaGraphExecDestroy", self.cudart.cudaGraphExecDestroy(executable))
+
+    def close(self) -> None:
+        """Destroy the stream (after every buffer and graph on it is released)."""
+        if self.stream is not None:
+            self._check("cudaStreamDestroy", self.cudart.cudaStreamDestroy(self.stream))
+            self.stream = None

@@ -13,7 +13,9 @@ Each input shape gets an executor: device buffers and page-locked host buffers a
 profile the whole step (copies in, the engine, copies out) captured once as a CUDA graph and replayed, so a step
 costs one launch. Activations and weights never leave the GPU; the latent (B x C x h x w float32, 48 KB for one
 256x256 slice of a f=4 model) crosses to the host and back once per step because the scheduler is NumPy by design.
-TensorRT and cuda-python are imported only here, on first use; a missing package or GPU is a BackendError.
+TensorRT and cuda-python are imported only here, on first use; a missing package or GPU is a BackendError. TensorRT
+10.8 to 11.x is supported (medsr.engine.trt_build.trt_features): 11.x has no weak typing and builds fp32 and tf32
+only, so fp16, bf16 and auto are refused there in one line before anything is built.
 """
 
 from __future__ import annotations
@@ -32,22 +34,23 @@ from medsr.bundle.graphs import GRAPHS
 from medsr.engine.cuda import GPU_EXTRA_HINT, CudaRuntime, GpuInfo
 from medsr.engine.precision import AUTO, AUTO_REDUCED, PRECISIONS, choose_mixed
 from medsr.engine.profiles import Shape, ShapeProfile, choose_profile
-from medsr.engine.trt_build import recipe_id
+from medsr.engine.trt_build import INSTALL_HINT, recipe_id, trt_features, trt_logger
 from medsr.errors import BackendError, OutputError, ShapeError
 from medsr.io.atomic import atomic_path
 
 
 def import_tensorrt():
-    """The ``tensorrt`` module (version 10 or newer), or a BackendError that says how to get it."""
+    """The ``tensorrt`` module, a version medsr supports (10.8 to 11.x, medsr.engine.trt_build.trt_features), or a
+    BackendError that says what to install."""
     try:
         import tensorrt as trt
-    except ImportError as exc:
+    except ImportError as exc:  # not installed, or its libraries (libnvinfer) missing
         raise BackendError(
-            f"--engine trt needs TensorRT >= 10, which is not installed: {GPU_EXTRA_HINT}, or run the medsr "
-            "container (Dockerfile); --engine ort --device cuda runs ONNX Runtime on the GPU instead"
+            f"--engine trt needs TensorRT 10.8 to 11.x, which does not import ({exc}): {INSTALL_HINT}, or "
+            f"{GPU_EXTRA_HINT}, or run the medsr container (Dockerfile); --engine ort --device cuda runs ONNX Runtime "
+            "on the GPU instead"
         ) from exc
-    if int(trt.__version__.split(".")[0]) < 10:
-        raise BackendError(f"--engine trt needs TensorRT >= 10, found {trt.__version__}")
+    trt_features(trt.__version__)
     return trt
 
 
@@ -151,7 +154,8 @@ class PlanExecutor:
         self.allocate()
 
     def load(self, plan: bytes):
-        engine = self.trt.Runtime(self.trt.Logger(self.trt.Logger.WARNING)).deserialize_cuda_engine(plan)
+        self.runtime = self.trt.Runtime(trt_logger(self.trt))  # kept: the runtime outlives its engine
+        engine = self.runtime.deserialize_cuda_engine(plan)
         if engine is None:
             raise BackendError("TensorRT could not deserialize the plan (built by another TensorRT or corrupt)")
         return engine
@@ -201,7 +205,11 @@ class PlanExecutor:
             if self.use_graph:  # the first run did TensorRT's lazy setup; capture the next ones
                 self.cuda.synchronize()
                 self.cuda.begin_capture()
-                self._enqueue()
+                try:
+                    self._enqueue()
+                except BaseException:
+                    self.cuda.abort_capture()  # leave capture mode, or the stream refuses all later work
+                    raise
                 self.graph = self.cuda.end_capture()
                 self.cuda.launch(self.graph)
         self.cuda.synchronize()
@@ -215,7 +223,7 @@ class PlanExecutor:
             self.cuda.free(device)
             self.cuda.free_pinned(host_address)
         self.buffers.clear()
-        self.context = self.engine = None
+        self.context = self.engine = self.runtime = None
 
 
 class TrtSession:
@@ -334,11 +342,14 @@ def open_trt_sessions(
     ``profiles``: {graph: [ShapeProfile]}.
     """
     trt = trt or import_tensorrt()
-    cuda = cuda or CudaRuntime()
     precisions = precision if isinstance(precision, dict) else dict.fromkeys(bundle.graphs, precision)
     bad = {graph: p for graph, p in precisions.items() if p not in PRECISIONS["trt"]}
     if bad:
         raise BackendError(f"TensorRT precision must be one of {', '.join(PRECISIONS['trt'])}, got {bad}")
+    features = trt_features(trt.__version__)
+    for chosen in dict.fromkeys(precisions.values()):
+        features.check_precision(chosen)  # before the GPU is touched: fp16/bf16 need TensorRT 10.x
+    cuda = cuda or CudaRuntime()
     gpu = cuda.gpu()
     device = gpu_folder(gpu)
     plans = usable_dir(engine_dir(bundle, "tensorrt", trt.__version__, device), "TensorRT plan cache")
