@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from medsr.cli.common import medsr_errors, run_command, torch_reference
+from medsr.cli.serve import triton_export_options
 from medsr.engine.precision import PRECISIONS
 
 
@@ -22,7 +23,9 @@ from medsr.engine.precision import PRECISIONS
 @click.option(
     "--random-init", is_flag=True, help="Random weights for whatever no file gives (tests, benchmarks); recorded."
 )
-@click.option("--seed", default=0, show_default=True, help="Seed of --random-init.")
+@click.option(
+    "--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of --random-init (>= 0)."
+)
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Bundle directory to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle directory.")
 @click.option(
@@ -45,6 +48,7 @@ from medsr.engine.precision import PRECISIONS
     show_default=True,
     help="Batch, LR height and LR width of the static TensorRT profile that --trt builds.",
 )
+@triton_export_options
 @medsr_errors
 def export(
     preset_name, weights, vae_weights, unet_weights, objective_from_weights, random_init, seed, output, overwrite,

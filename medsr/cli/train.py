@@ -28,7 +28,7 @@ def _loop_options(function):
         click.option("--ema", "ema_decay", type=float, default=0.999, show_default=True, help="EMA decay (0: off)."),
         click.option("--checkpoint-every", type=click.IntRange(min=1), default=500, show_default=True),
         click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True),
-        click.option("--seed", type=int, default=42, show_default=True),
+        click.option("--seed", type=click.IntRange(min=0), default=42, show_default=True),
         click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
         click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch (default: torch's)."),
