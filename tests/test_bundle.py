@@ -165,7 +165,8 @@ BAD_SECTIONS = [
     # a required section or field removed
     (lambda m: m.pop("scheduler"), r"missing field\(s\) scheduler in the manifest"),
     (lambda m: m["task"].pop("scale"), r"missing field\(s\) scale in task"),
-    (_set("task.plane", "through"), r"task has unknown field\(s\) \['plane'\]"),
+    (_set("task.planes", "through"), r"task has unknown field\(s\) \['planes'\]"),
+    (_set("task.plane", "through"), r"task\.plane must be one of \('in-plane', 'through-plane'\), got 'through'"),
     # scheduler (its own checks, SchedulerConfig.from_dict)
     (_set("scheduler.algorithm", "euler"), "scheduler `algorithm` must be one of"),
     (_set("scheduler.default_steps", 0), "scheduler `default_steps` must be in"),
@@ -187,7 +188,7 @@ BAD_SECTIONS = [
     (_set("task.intensity.low", "0.5"), "task.intensity.low must be of type float"),
     (_set("task.intensity.range", [0.0, 1.0]), r"task\.intensity\.range must be \[-1\.0, 1\.0\]"),
     # the consistency mode: unknown, or not a projection for this degradation
-    (_set("task.consistency", "dc"), "task.consistency: consistency must be one of none, kspace, backproject"),
+    (_set("task.consistency", "dc"), "task.consistency: consistency must be one of none, kspace, backproject, project"),
     (_set("task.degradation", {"name": "bicubic", "scale": 4}), "task.consistency: consistency 'kspace' needs"),
     # task sizes
     (_set("task.scale", 8), "task.degradation.scale must be task.scale 8, got 4"),

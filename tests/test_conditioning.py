@@ -146,7 +146,8 @@ def test_one_tile_is_exactly_the_whole_slice_with_the_upsampled_conditioning(res
     options = SamplingOptions(steps=2, seed=3, lr_latent="sample", tile_size=None)
     lr = np.random.default_rng(2).uniform(-1, 1, (1, 20, 12)).astype(np.float32)
     whole = pipeline.super_resolve(lr, options, first_index=5).images[0]
-    np.testing.assert_array_equal(tiling.super_resolve_tiled(pipeline, lr[0], 5, options, 20, 4), whole)
+    rng = options.generators([5])[0]
+    np.testing.assert_array_equal(tiling.super_resolve_tiled(pipeline, lr[0], rng, options, 20, 4), whole)
 
 
 def test_tensorrt_shapes_encode_the_upsampled_image(residual_bundle, tiny_bundle):

@@ -227,7 +227,7 @@ def test_to_dict_round_trips_through_json(variant):
 
 
 def test_registry_names_are_the_public_ones():
-    assert set(OPERATORS) == {"kspace", "area", "bicubic", "lanczos"}
+    assert set(OPERATORS) == {"kspace", "area", "bicubic", "lanczos", "thick_slices"}  # thick slices: through-plane
     assert make_degradation("kspace", 2, window="tukey").alpha == 0.5
 
 

@@ -88,7 +88,7 @@ def test_apply_consistency_backprojects_through_any_operator(name):
     ("mode", "name", "message"),
     [
         ("kspace", "bicubic", "consistency 'kspace' needs the 'kspace' degradation, but the LR was made by 'bicubic'"),
-        ("dc", "kspace", "consistency must be one of none, kspace, backproject, got 'dc'"),
+        ("dc", "kspace", "consistency must be one of none, kspace, backproject, project, got 'dc'"),
     ],
 )
 def test_consistency_modes_that_cannot_hold_are_refused(mode, name, message):

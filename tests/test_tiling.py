@@ -75,7 +75,8 @@ def test_one_tile_is_exactly_the_whole_slice(tiny, mr_slice, sampler):
     options = SamplingOptions(steps=2, seed=3, lr_latent="sample", tile_size=None)
     lr = mr_slice[:, :40, :36]
     whole = pipeline.super_resolve(lr, options, first_index=7).images[0]
-    np.testing.assert_array_equal(tiling.super_resolve_tiled(pipeline, lr[0], 7, options, 40, 8), whole)
+    rng = options.generators([7])[0]  # the slice's own generator, as the pipeline makes it
+    np.testing.assert_array_equal(tiling.super_resolve_tiled(pipeline, lr[0], rng, options, 40, 8), whole)
 
 
 def _box_windows(origins, tile, scale):

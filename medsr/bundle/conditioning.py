@@ -7,7 +7,10 @@ Two modes, both concatenating a conditioning latent to the noisy HR latent on ch
 - ``upsampled_latent_concat``: the engine first upsamples the LR slice to the HR size with ``upsampler``, a fair
   baseline of medsr.degrade (``zerofill`` is the pseudo-inverse of k-space truncation: every measured frequency kept
   exactly, nothing invented), and encodes that HR-size image; the graph takes the latent as it is. The denoiser then
-  only has to add what the baseline lacks, and the measured data reach it without a learned upsampling.
+  only has to add what the baseline lacks, and the measured data reach it without a learned upsampling. An in-plane
+  task (s x s) takes the in-plane baselines ``zerofill``, ``bicubic``, ``lanczos``; a through-plane task (1 x s)
+  the slice-axis baselines ``linear``, ``bspline``, ``sinc`` (medsr.degrade.upsample_slices), which upsample the
+  plane's second axis, the slice direction, only (the manifest refuses the other combinations).
 
 ``residual``: the graph returns the conditioning latent (at the HR latent size) plus the network's output, so an x0
 model learns the correction to the baseline rather than the whole image. Only meaningful for x0 prediction.
@@ -21,12 +24,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from medsr.degrade import BASELINES, upsample_baseline
+from medsr.degrade import BASELINES, SLICE_BASELINES, upsample_baseline, upsample_slices
 from medsr.errors import BundleError
 
 BILINEAR = "lr_latent_bilinear_concat"
 UPSAMPLED = "upsampled_latent_concat"
 MODES = (BILINEAR, UPSAMPLED)
+#: Upsamplers of a through-plane task: they upsample the last axis (the slice direction) only.
+SLICE_UPSAMPLERS = SLICE_BASELINES
+UPSAMPLERS = BASELINES + SLICE_UPSAMPLERS
 
 
 @dataclass(frozen=True)
@@ -45,8 +51,8 @@ class Conditioning:
                 f"denoiser.conditioning {self.mode!r} with denoiser.upsampler {self.upsampler!r}: an upsampler is "
                 f"needed in mode {UPSAMPLED!r} and taken only there"
             )
-        if self.upsampler is not None and self.upsampler not in BASELINES:
-            raise BundleError(f"denoiser.upsampler must be one of {BASELINES}, got {self.upsampler!r}")
+        if self.upsampler is not None and self.upsampler not in UPSAMPLERS:
+            raise BundleError(f"denoiser.upsampler must be one of {UPSAMPLERS}, got {self.upsampler!r}")
         if not isinstance(self.residual, bool):
             raise BundleError(f"denoiser.residual must be of type bool, got {self.residual!r}")
 
@@ -81,15 +87,19 @@ class Conditioning:
         """Whether the denoiser graph resizes its conditioning latent (else it comes at the HR latent size)."""
         return self.mode == BILINEAR
 
-    def zoom(self, scale: int) -> int:
-        """Size of the encoded conditioning image relative to the LR slice: 1, or ``scale`` when upsampled first."""
-        return 1 if self.mode == BILINEAR else scale
+    def zooms(self, factors: tuple[int, int]) -> tuple[int, int]:
+        """Size of the encoded conditioning image relative to the LR slice, per axis (H, W): (1, 1), or the task's
+        upsampling ``factors`` ((s, s) in-plane, (1, s) through-plane) when upsampled first."""
+        return (1, 1) if self.mode == BILINEAR else tuple(factors)
 
     def image(self, lr: np.ndarray, scale: int) -> np.ndarray:
-        """The image the VAE encoder sees for LR slices (..., h, w) in [-1, 1]: themselves, or upsampled to
-        (..., s*h, s*w) float32."""
+        """The image the VAE encoder sees for LR slices (..., h, w) in [-1, 1]: themselves, or upsampled by
+        ``scale`` to (..., s*h, s*w) float32 (in-plane upsamplers) or (..., h, s*w) (slice-axis upsamplers, along
+        the last axis, the slice direction)."""
         if self.mode == BILINEAR:
             return lr
+        if self.upsampler in SLICE_UPSAMPLERS:
+            return upsample_slices(lr, scale, axis=-1, method=self.upsampler).astype(np.float32)
         return upsample_baseline(lr, self.upsampler, scale).astype(np.float32)
 
 

@@ -53,6 +53,16 @@ class Bundle:
         return self.manifest.task.scale
 
     @property
+    def plane(self) -> str:
+        """``"in-plane"`` or ``"through-plane"`` (manifest ``task.plane``)."""
+        return self.manifest.task.plane
+
+    @property
+    def factors(self) -> tuple[int, int]:
+        """Upsampling factor of each plane axis (H, W): (s, s) in-plane, (1, s) through-plane."""
+        return self.manifest.task.factors
+
+    @property
     def image_channels(self) -> int:
         return self.manifest.task.image_channels
 

@@ -19,10 +19,18 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from types import MappingProxyType
 
-from medsr.bundle.conditioning import PAPER, Conditioning
+from medsr.bundle.conditioning import PAPER, SLICE_UPSAMPLERS, Conditioning
 from medsr.bundle.graphs import GRAPHS
 from medsr.bundle.scheduler import PREDICTION_TYPES, SchedulerConfig
-from medsr.degrade import Degradation, KSpaceTruncation, check_consistency, degradation_from_dict
+from medsr.degrade import (
+    BASELINES,
+    OPERATORS,
+    Degradation,
+    KSpaceTruncation,
+    ThickSlicePlanes,
+    check_consistency,
+    degradation_from_dict,
+)
 from medsr.errors import BundleError, InputError
 
 FORMAT_VERSION = 1
@@ -35,6 +43,10 @@ GRAPH_PRECISIONS = ("fp32", "fp16", "bf16")
 #: Element types of graph inputs and outputs the engine can feed and read.
 TENSOR_DTYPES = ("float32", "float16")
 WEIGHT_SOURCES = ("file", "random-init", "checkpoints", "checkpoints+random-init")
+IN_PLANE, THROUGH_PLANE = "in-plane", "through-plane"
+#: What a task upsamples (docs/bundle.md, ``task.plane``): both axes of a slice by s, or the second axis of a plane
+#: that contains the slice axis (the slice direction) by s.
+PLANES = (IN_PLANE, THROUGH_PLANE)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -163,10 +175,15 @@ class IntensityWindow:
 
 @dataclass(frozen=True)
 class Task:
-    """What the model does: x``scale`` in-plane SR of ``image_channels``-channel images whose LR sides are padded to
+    """What the model does: x``scale`` SR of ``image_channels``-channel images whose LR sides are padded to
     multiples of ``lr_multiple``; the LR was made by ``degradation`` (an operator of medsr.degrade, with all its
     parameters; None, as older manifests meant, is k-space truncation at ``scale``), and ``consistency`` is the
-    engine's default data-consistency mode."""
+    engine's default data-consistency mode.
+
+    ``plane``: ``"in-plane"`` (what older manifests meant) upsamples both axes of a slice, s x s;
+    ``"through-plane"`` upsamples the second axis W of a plane containing the slice axis, 1 x s (the slice
+    direction), and its degradation is ``thick_slices``.
+    """
 
     scale: int
     image_channels: int
@@ -174,11 +191,18 @@ class Task:
     intensity: IntensityWindow = IntensityWindow()
     degradation: Degradation | None = None
     consistency: str = "none"
+    plane: str = IN_PLANE
 
     def __post_init__(self):
         _at_least(self.scale, 2, "task.scale")
         _at_least(self.image_channels, 1, "task.image_channels")
         _at_least(self.lr_multiple, 1, "task.lr_multiple")
+        _one_of(self.plane, PLANES, "task.plane")
+        if self.degradation is None and self.plane == THROUGH_PLANE:
+            raise BundleError(
+                f"task.degradation is required with task.plane {THROUGH_PLANE!r}: "
+                f'{{"name": "thick_slices", "scale": {self.scale}, "profile": "gaussian" or "box", "fwhm": ...}}'
+            )
         if self.degradation is None:  # what manifests without a degradation meant: k-space truncation at the scale
             try:
                 object.__setattr__(self, "degradation", KSpaceTruncation(self.scale))
@@ -186,6 +210,13 @@ class Task:
                 raise BundleError(f"task.scale: {exc}") from None
         if not isinstance(self.degradation, Degradation):
             raise BundleError(f"task.degradation must be a medsr.degrade operator, got {self.degradation!r}")
+        if isinstance(self.degradation, ThickSlicePlanes) != (self.plane == THROUGH_PLANE):
+            through = self.plane == THROUGH_PLANE
+            fitting = [name for name in sorted(OPERATORS) if (name == ThickSlicePlanes.name) == through]
+            raise BundleError(
+                f"task.degradation {self.degradation.name!r} does not fit task.plane {self.plane!r}, which takes "
+                f"{', '.join(fitting)}"
+            )
         if self.degradation.scale != self.scale:
             raise BundleError(f"task.degradation.scale must be task.scale {self.scale}, got {self.degradation.scale!r}")
         try:
@@ -193,9 +224,15 @@ class Task:
         except InputError as exc:
             raise BundleError(f"task.consistency: {exc}") from None
 
+    @property
+    def factors(self) -> tuple[int, int]:
+        """The upsampling factor of each plane axis (H, W): (s, s) in-plane, (1, s) through-plane."""
+        return (1, self.scale) if self.plane == THROUGH_PLANE else (self.scale, self.scale)
+
     @classmethod
     def from_dict(cls, d) -> Task:
-        d = _section(d, "task", ("scale", "image_channels", "lr_multiple", "intensity"), ("degradation", "consistency"))
+        optional = ("degradation", "consistency", "plane")
+        d = _section(d, "task", ("scale", "image_channels", "lr_multiple", "intensity"), optional)
         degradation = d.get("degradation")
         if degradation is not None:
             if not isinstance(degradation, Mapping):
@@ -211,10 +248,12 @@ class Task:
             intensity=IntensityWindow.from_dict(d["intensity"]),
             degradation=degradation,
             consistency=d.get("consistency", "none"),
+            plane=d.get("plane", IN_PLANE),
         )
 
     def to_dict(self) -> dict:
-        return {
+        """The manifest's ``task``; ``plane`` is written for a through-plane task only (in-plane is the default)."""
+        out = {
             "scale": self.scale,
             "image_channels": self.image_channels,
             "lr_multiple": self.lr_multiple,
@@ -222,6 +261,7 @@ class Task:
             "degradation": self.degradation.to_dict(),
             "consistency": self.consistency,
         }
+        return out if self.plane == IN_PLANE else {**out, "plane": self.plane}
 
 
 @dataclass(frozen=True)
@@ -508,6 +548,13 @@ class Manifest:
             raise BundleError(
                 f"task.lr_multiple must be a multiple of vae.downsample_factor {self.vae.downsample_factor}, "
                 f"got {self.task.lr_multiple}"
+            )
+        upsampler = self.denoiser.conditioning.upsampler
+        if upsampler is not None and (upsampler in SLICE_UPSAMPLERS) != (self.task.plane == THROUGH_PLANE):
+            fitting = SLICE_UPSAMPLERS if self.task.plane == THROUGH_PLANE else BASELINES
+            raise BundleError(
+                f"denoiser.upsampler {upsampler!r} does not fit task.plane {self.task.plane!r}, which takes "
+                f"{', '.join(fitting)}"
             )
         if self.denoiser.prediction_type != self.scheduler.prediction_type:
             raise BundleError(

@@ -4,7 +4,8 @@ Slices are the network input ``medsr-infer`` would prepare from the same file (m
 one window fitted on the whole source with the bundle's or preset's percentiles, the same plane orientation), so
 the model trains on what it will see.
 LR is always the degradation of the *whole* (augmented) HR slice, never of a crop, so crops carry the same
-boundary conditions as an acquired image; an LR crop at LR offset (i, j) is the HR crop at offset (s*i, s*j).
+boundary conditions as an acquired image; an LR crop at LR offset (i, j) is the HR crop at offset (s*i, s*j), or
+(i, s*j) for a through-plane task's thick slices along the crop's second axis (1 x s).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 
 from medsr.data.images import load_source
 from medsr.data.sources import Source
-from medsr.degrade import Degradation, make_degradation, upsample_baseline
+from medsr.degrade import SLICE_BASELINES, Degradation, make_degradation, upsample_baseline, upsample_slices
 from medsr.errors import InputError, ShapeError
 
 #: Degradation per modality (docs/sources.md, "Degradations and fair baselines"; the paper made its LR images with
@@ -81,7 +82,8 @@ def trim_to_multiple(image: np.ndarray, multiple: int) -> np.ndarray:
 
 
 def make_pair(hr: np.ndarray, op: Degradation) -> tuple[np.ndarray, np.ndarray]:
-    """(HR trimmed to a multiple of the scale, LR = op(HR)), both float32: (H, W) and (H/s, W/s)."""
+    """(HR trimmed to a multiple of the scale, LR = op(HR)), both float32: (H, W) and (H/f_H, W/f_W) (op's factors:
+    (s, s), or (1, s) for thick slices)."""
     hr = trim_to_multiple(np.asarray(hr, np.float32), op.scale)
     return hr, op.forward(hr).astype(np.float32)
 
@@ -93,8 +95,9 @@ def dihedral(image: np.ndarray, k: int) -> np.ndarray:
 
 
 class CropPairs(NamedTuple):
-    """Aligned crops, float32: HR (n, H, H), LR (n, H/s, H/s) and, when asked for, the crop of the whole LR slice
-    clipped to [-1, 1] (as the engine clips it for its networks) and upsampled by a medsr.degrade baseline (n, H, H)."""
+    """Aligned crops, float32: HR (n, H, H), LR (n, H/f_H, H/f_W) (the operator's factors: s x s, or 1 x s through-plane)
+    and, when asked for, the crop of the whole LR slice clipped to [-1, 1] (as the engine clips it for its networks)
+    and upsampled by a medsr.degrade baseline (n, H, H)."""
 
     hr: np.ndarray
     lr: np.ndarray
@@ -109,35 +112,43 @@ def random_crop_pairs(
     rng: np.random.Generator,
     augment: bool = True,
     upsampler: str | None = None,
+    degradation: Degradation | None = None,
 ) -> CropPairs:
-    """``count`` aligned crops: HR (count, hr_size, hr_size) and LR (count, hr_size/s, hr_size/s), float32.
+    """``count`` aligned crops: HR (count, hr_size, hr_size) and LR (count, hr_size/f_H, hr_size/f_W), float32.
 
-    Each crop picks a slice uniformly, optionally one of its 8 flips/rotations, degrades the whole slice with its
-    modality's operator and cuts an HR window at a multiple of s together with the matching LR window (and the
-    window of the whole LR slice's ``upsampler`` baseline, when given). Slices smaller than ``hr_size`` (after
-    trimming to a multiple of s) are never picked.
+    Each crop picks a slice uniformly, optionally one of its 8 flips/rotations, degrades the whole slice with
+    ``degradation`` (default: its modality's in-plane operator at ``scale``; a through-plane task passes its
+    ``thick_slices``, factors 1 x s) and cuts an HR window at a multiple of the factors together with the matching
+    LR window (and the window of the whole LR slice's ``upsampler`` baseline, when given: an in-plane one, or a
+    slice-axis one along the second axis). Slices smaller than ``hr_size`` (after trimming to a multiple of s) are
+    never picked.
     """
     if hr_size % scale:
         raise ShapeError(f"HR crop size {hr_size} must be a multiple of the scale {scale}")
     usable = [s for s in slices if min(trim_to_multiple(s.image, scale).shape) >= hr_size]
     if not usable:
         raise ShapeError(f"no slice is at least {hr_size} x {hr_size} pixels; use a smaller crop")
-    ops = {modality: degradation_for(modality, scale) for modality in MODALITY_DEGRADATION}
-    lr_size = hr_size // scale
+    ops = {modality: degradation or degradation_for(modality, scale) for modality in MODALITY_DEGRADATION}
+    f_h, f_w = (scale, scale) if degradation is None else degradation.factors
+    lr_h, lr_w = hr_size // f_h, hr_size // f_w
     hr_out = np.empty((count, hr_size, hr_size), np.float32)
-    lr_out = np.empty((count, lr_size, lr_size), np.float32)
+    lr_out = np.empty((count, lr_h, lr_w), np.float32)
     up_out = np.empty((count, hr_size, hr_size), np.float32) if upsampler else None
     for n in range(count):
         chosen = usable[rng.integers(len(usable))]
         image = dihedral(chosen.image, int(rng.integers(8))) if augment else chosen.image
         hr, lr = make_pair(image, ops[chosen.modality])
-        i = int(rng.integers(lr.shape[0] - lr_size + 1))
-        j = int(rng.integers(lr.shape[1] - lr_size + 1))
-        window = (slice(scale * i, scale * (i + lr_size)), slice(scale * j, scale * (j + lr_size)))
+        i = int(rng.integers(lr.shape[0] - lr_h + 1))
+        j = int(rng.integers(lr.shape[1] - lr_w + 1))
+        window = (slice(f_h * i, f_h * (i + lr_h)), slice(f_w * j, f_w * (j + lr_w)))
         hr_out[n] = hr[window]
-        lr_out[n] = lr[i : i + lr_size, j : j + lr_size]
+        lr_out[n] = lr[i : i + lr_h, j : j + lr_w]
         if up_out is not None:
-            up_out[n] = upsample_baseline(np.clip(lr, -1.0, 1.0), upsampler, scale)[window]
+            clipped = np.clip(lr, -1.0, 1.0)
+            if upsampler in SLICE_BASELINES:
+                up_out[n] = upsample_slices(clipped, scale, axis=-1, method=upsampler)[window]
+            else:
+                up_out[n] = upsample_baseline(clipped, upsampler, scale)[window]
     return CropPairs(hr_out, lr_out, up_out)
 
 

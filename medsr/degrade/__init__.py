@@ -31,6 +31,7 @@ from medsr.degrade.slices import (
     SLICE_BASELINES,
     SLICE_PROFILES,
     SliceProfile,
+    ThickSlicePlanes,
     ThickSlices,
     upsample_slices,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "KSpaceTruncation",
     "LanczosDownsample",
     "SliceProfile",
+    "ThickSlicePlanes",
     "ThickSlices",
     "apply_consistency",
     "backproject",

@@ -1,8 +1,8 @@
 """Fair baselines and data consistency: making a super-resolved image agree with the measured LR image.
 
 Everything here uses the operators of :mod:`medsr.degrade.operators` and so their one geometry (LR pixel i on HR
-pixel centre s*i + (s-1)/2, docs/conventions.md). Arrays are (..., H, W) HR and (..., H/s, W/s) LR; leading dims
-broadcast. Results keep the SR image's dtype (float32 stays float32).
+pixel centre s*i + (s-1)/2, docs/conventions.md). Arrays are (..., H, W) HR and (..., H/f_H, W/f_W) LR with the
+operator's ``factors`` ((s, s) in-plane, (1, s) for thick slices along W); leading dims broadcast. Results keep the SR image's dtype (float32 stays float32).
 """
 
 import numbers
@@ -19,12 +19,13 @@ from medsr.degrade.operators import (
     hr_size,
     lr_size,
 )
+from medsr.degrade.slices import ThickSlicePlanes
 from medsr.errors import InputError, ShapeError
 
 #: Methods of :func:`upsample_baseline`.
 BASELINES = ("zerofill", "bicubic", "lanczos")
 #: Modes of :func:`apply_consistency`.
-CONSISTENCY_MODES = ("none", "kspace", "backproject")
+CONSISTENCY_MODES = ("none", "kspace", "backproject", "project")
 
 
 def upsample_baseline(lr, method: str, scale: int) -> np.ndarray:
@@ -47,13 +48,14 @@ def upsample_baseline(lr, method: str, scale: int) -> np.ndarray:
     )
 
 
-def _pair(sr, lr, scale: int) -> tuple[np.ndarray, np.ndarray]:
-    """``sr`` and ``lr`` as float arrays of one dtype (sr's), checking that lr is sr's size divided by ``scale``."""
+def _pair(sr, lr, op: Degradation) -> tuple[np.ndarray, np.ndarray]:
+    """``sr`` and ``lr`` as float arrays of one dtype (sr's), checking that lr is sr's size divided by op's
+    factors."""
     x = as_image(sr, "sr")
-    h, w = hr_size(x.shape, scale, "sr")
+    (h, w), (f_h, f_w) = hr_size(x.shape, op.factors, "sr"), op.factors
     y = as_image(lr, "lr")
-    if y.shape[-2:] != (h // scale, w // scale):
-        raise ShapeError(f"lr shape {y.shape} does not match sr shape {x.shape} at scale {scale}")
+    if y.shape[-2:] != (h // f_h, w // f_w):
+        raise ShapeError(f"lr shape {y.shape} does not match sr shape {x.shape} at scale {f_h}x{f_w}")
     return x, y.astype(x.dtype, copy=False)
 
 
@@ -89,7 +91,7 @@ def kspace_consistency(
     if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not 0.0 <= weight <= 1.0:
         raise InputError(f"weight must be in [0, 1], got {weight!r}")
     op = KSpaceTruncation(scale, window, alpha)
-    x, y = _pair(sr, lr, op.scale)
+    x, y = _pair(sr, lr, op)
     return x + weight * op.pseudo_inverse(y - op.forward(x))
 
 
@@ -105,7 +107,7 @@ def backproject(sr, lr, op: Degradation, iterations: int = 10, tol: float = 1e-3
         raise InputError(f"iterations must be an int >= 0, got {iterations!r}")
     if not isinstance(tol, numbers.Real) or not tol >= 0:
         raise InputError(f"tol must be a number >= 0, got {tol!r}")
-    x, y = _pair(sr, lr, op.scale)
+    x, y = _pair(sr, lr, op)
     target = tol * tol * _sq_norm(y)
     r = y - op.forward(x)
     p = r
@@ -126,28 +128,39 @@ def backproject(sr, lr, op: Degradation, iterations: int = 10, tol: float = 1e-3
 
 def check_consistency(mode: str, op: Degradation) -> None:
     """Refuse a consistency ``mode`` that is unknown or that cannot make A(sr) = lr for the degradation ``op``:
-    ``"kspace"`` replaces a central k-space block, so it needs the ``kspace`` operator; ``"backproject"`` and
-    ``"none"`` work with any."""
+    ``"kspace"`` replaces a central k-space block, so it needs the ``kspace`` operator; ``"project"`` is the exact
+    projection of thick slices, so it needs ``thick_slices``; ``"backproject"`` and ``"none"`` work with any."""
     if mode not in CONSISTENCY_MODES:
         raise InputError(f"consistency must be one of {', '.join(CONSISTENCY_MODES)}, got {mode!r}")
     if mode == "kspace" and not isinstance(op, KSpaceTruncation):
+        exact = "'project'" if isinstance(op, ThickSlicePlanes) else "'backproject'"
         raise InputError(
-            f"consistency 'kspace' needs the 'kspace' degradation, but the LR was made by {op.name!r}; "
-            "use 'backproject'"
+            f"consistency 'kspace' needs the 'kspace' degradation, but the LR was made by {op.name!r}; use {exact}"
+        )
+    if mode == "project" and not isinstance(op, ThickSlicePlanes):
+        exact = "'kspace'" if isinstance(op, KSpaceTruncation) else "'backproject'"
+        raise InputError(
+            f"consistency 'project' needs the 'thick_slices' degradation, but the LR was made by {op.name!r}; "
+            f"use {exact}"
         )
 
 
 def apply_consistency(sr, lr, mode: str, op: Degradation) -> np.ndarray:
-    """Make ``sr`` (..., H, W) agree with the measured ``lr`` (..., H/s, W/s) under the degradation ``op`` that
+    """Make ``sr`` (..., H, W) agree with the measured ``lr`` (..., H/f_H, W/f_W) under the degradation ``op`` that
     made it, with all of op's parameters (e.g. the k-space window):
 
     - ``"kspace"``: :func:`kspace_consistency` with op's window and alpha (the exact projection, A(result) = lr);
+    - ``"project"``: op's exact projection :meth:`~medsr.degrade.slices.ThickSlicePlanes.project` (thick slices,
+      A(result) = lr to rounding);
     - ``"backproject"``: :func:`backproject` through op;
     - ``"none"``: ``sr`` as it is.
     """
     check_consistency(mode, op)
     if mode == "kspace":
         return kspace_consistency(sr, lr, op.scale, window=op.window, alpha=op.alpha)
+    if mode == "project":
+        x, y = _pair(sr, lr, op)
+        return op.project(x, y)
     if mode == "backproject":
         return backproject(sr, lr, op)
     return sr
@@ -159,7 +172,7 @@ def consistency_residual(sr, lr, op: Degradation) -> np.ndarray:
     Returns a float64 array of the leading shape (sr.shape[:-2] broadcast with lr's). A slice whose LR is all zero
     gets 0 if A(sr) is zero too, else inf.
     """
-    x, y = _pair(sr, lr, op.scale)
+    x, y = _pair(sr, lr, op)
     num = np.sqrt(_sq_norm(op.forward(x) - y).astype(np.float64))[..., 0, 0]
     den = np.sqrt(_sq_norm(y).astype(np.float64))[..., 0, 0]
     den = np.broadcast_to(den, num.shape)

@@ -42,14 +42,15 @@ def as_image(x, what: str) -> np.ndarray:
     return arr
 
 
-def hr_size(shape: tuple, scale: int, what: str = "hr") -> tuple[int, int]:
-    """(H, W) of an HR shape, or ShapeError when they are not positive multiples of ``scale``."""
+def hr_size(shape: tuple, factors: tuple[int, int], what: str = "hr") -> tuple[int, int]:
+    """(H, W) of an HR shape, or ShapeError when they are not positive multiples of the per-axis ``factors``
+    (f_H, f_W): (s, s) in-plane, (1, s) for thick slices along W."""
     h, w = shape[-2:]
-    if h < scale or w < scale or h % scale or w % scale:
-        raise ShapeError(
-            f"{what} shape {shape}: H and W (the last two axes) must be positive multiples of scale {scale}; "
-            "crop or pad the image first"
-        )
+    if h < factors[0] or w < factors[1] or h % factors[0] or w % factors[1]:
+        axes = f"H and W (the last two axes) must be positive multiples of scale {factors[1]}"
+        if factors[0] != factors[1]:
+            axes = f"W (the last axis, the slice direction) must be a positive multiple of scale {factors[1]}"
+        raise ShapeError(f"{what} shape {shape}: {axes}; crop or pad the image first")
     return h, w
 
 
@@ -82,6 +83,11 @@ class Degradation(abc.ABC):
     def __post_init__(self):
         object.__setattr__(self, "scale", check_scale(self.scale))
 
+    @property
+    def factors(self) -> tuple[int, int]:
+        """The downsampling factor of each image axis (H, W): (s, s), in-plane."""
+        return (self.scale, self.scale)
+
     @abc.abstractmethod
     def matrix(self, n_hr: int) -> np.ndarray:
         """The (n_hr // scale, n_hr) float64 read-only matrix of one axis (n_hr a multiple of scale)."""
@@ -92,7 +98,7 @@ class Degradation(abc.ABC):
         Raises ShapeError if H or W is not a positive multiple of s.
         """
         x = as_image(hr, "hr")
-        h, w = hr_size(x.shape, self.scale)
+        h, w = hr_size(x.shape, self.factors)
         return apply_separable(x, self.matrix(h), self.matrix(w))
 
     def adjoint(self, lr) -> np.ndarray:
@@ -188,9 +194,17 @@ class LanczosDownsample(Degradation):
         return matrices.resample_matrix(n_hr, n_hr // self.scale, self.name)
 
 
+#: Operators by manifest name; medsr.degrade.slices registers the through-plane ``thick_slices`` with
+#: :func:`register_degradation`.
 OPERATORS: dict[str, type[Degradation]] = {
     cls.name: cls for cls in (KSpaceTruncation, AreaAverage, BicubicDownsample, LanczosDownsample)
 }
+
+
+def register_degradation(cls: type[Degradation]) -> type[Degradation]:
+    """Make ``cls`` known to :func:`make_degradation` and :func:`degradation_from_dict` under ``cls.name``."""
+    OPERATORS[cls.name] = cls
+    return cls
 
 
 def make_degradation(name: str, scale: int, **params) -> Degradation:

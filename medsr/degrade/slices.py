@@ -9,18 +9,20 @@ and ``fwhm = T / v`` in HR voxels.
 Geometry (docs/conventions.md): HR voxel j spans [j - 0.5, j + 0.5] in index coordinates; LR slice i sits on HR
 voxel centre s*i + (s-1)/2, as every operator of :mod:`medsr.degrade`. Everything here is a small one-axis matrix,
 built once per size and cached read-only (the machinery of :mod:`medsr.degrade.matrices`), applied along ``axis`` of
-an array of any number of dims. float32 stays float32, other real dtypes become float64.
+an array of any number of dims. float32 stays float32, other real dtypes become float64. :class:`ThickSlicePlanes`
+is the same acquisition as the degradation (``thick_slices``) of a through-plane task, on the planes its model sees.
 """
 
 import dataclasses
 import functools
 import math
 import numbers
+from typing import ClassVar
 
 import numpy as np
 
 from medsr.degrade import matrices
-from medsr.degrade.operators import as_image
+from medsr.degrade.operators import Degradation, as_image, register_degradation
 from medsr.errors import InputError, ShapeError
 
 #: Slice profiles of :class:`SliceProfile`.
@@ -217,6 +219,56 @@ class ThickSlices:
             )
         residual = y.astype(x.dtype, copy=False) - _along(self.matrix(n_hr), x, axis)
         return x + _along(thick_slice_pinv(n_hr, self.scale, self.slice_profile), residual, axis)
+
+
+@register_degradation
+@dataclasses.dataclass(frozen=True)
+class ThickSlicePlanes(Degradation):
+    """The degradation of a through-plane task (manifest ``{"name": "thick_slices", "scale": s, "profile": ...,
+    "fwhm": ...}``): :class:`ThickSlices` along the last axis of planes (..., H, W) -> (..., H, W / s).
+
+    The planes a through-plane model sees contain the slice axis as their second axis W (medsr.engine.volume), so
+    H is kept and W is blurred by the slice profile and sampled every s HR voxels, LR slice i on HR voxel centre
+    s*i + (s-1)/2. ``fwhm`` is the slice thickness in HR voxels (default s: contiguous slices). Unlike the in-plane
+    operators ``scale`` may be any integer >= 2: 3-6 mm slices over 0.4-1 mm voxels are factors of 3 to 15.
+    :meth:`project` is the exact data consistency (consistency mode ``"project"``).
+    """
+
+    profile: str = "gaussian"
+    fwhm: float | None = None
+    name: ClassVar[str] = "thick_slices"
+
+    def __post_init__(self):
+        if isinstance(self.scale, bool) or not isinstance(self.scale, numbers.Integral) or self.scale < 2:
+            raise InputError(f"thick_slices scale must be an integer >= 2 (HR voxels per slice), got {self.scale!r}")
+        acquisition = ThickSlices(self.scale, -1, self.profile, self.fwhm)
+        object.__setattr__(self, "scale", acquisition.scale)
+        object.__setattr__(self, "fwhm", acquisition.fwhm)
+
+    @property
+    def factors(self) -> tuple[int, int]:
+        """(1, s): only W, the slice direction, is downsampled."""
+        return (1, self.scale)
+
+    @property
+    def acquisition(self) -> ThickSlices:
+        """The :class:`ThickSlices` of the last axis."""
+        return ThickSlices(self.scale, -1, self.profile, self.fwhm)
+
+    def matrix(self, n_hr: int) -> np.ndarray:
+        return self.acquisition.matrix(n_hr)
+
+    def forward(self, hr) -> np.ndarray:
+        """A(hr): (..., H, W) -> (..., H, W / s); ShapeError if W is not a positive multiple of s."""
+        return self.acquisition.forward(as_image(hr, "hr"))
+
+    def adjoint(self, lr) -> np.ndarray:
+        """A^T(lr): (..., H, w) -> (..., H, w * s), the exact adjoint of :meth:`forward`."""
+        return self.acquisition.adjoint(as_image(lr, "lr"))
+
+    def project(self, sr, lr) -> np.ndarray:
+        """The planes nearest to ``sr`` whose thick slices are exactly ``lr`` (:meth:`ThickSlices.project`)."""
+        return self.acquisition.project(as_image(sr, "sr"), as_image(lr, "lr"))
 
 
 def _reflect(k: np.ndarray, n: int) -> np.ndarray:

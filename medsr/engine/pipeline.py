@@ -6,7 +6,12 @@ and takes the same steps, and their outputs can be compared pixel for pixel.
 
 Seeds: every slice draws its noise from its own generator ``np.random.default_rng([seed, slice_index])``, in a fixed
 order (LR latent sample if any, initial noise, then per-step noise for stochastic samplers), so a slice's result does
-not depend on the batch size or on which other slices share its batch.
+not depend on the batch size or on which other slices share its batch. With shared noise (``SamplingOptions.noise``)
+every slice of one stack (one orientation of a volume) draws from ``np.random.default_rng([seed, stack])`` instead:
+the same field for every slice, still batch-independent (docs/conventions.md, seeds).
+
+Shapes: an in-plane task maps (N, h, w) LR slices to (N, s*h, s*w); a through-plane task maps (N, h, w) planes
+whose second axis is the slice direction to (N, h, s*w) (``bundle.factors``).
 """
 
 from __future__ import annotations
@@ -21,10 +26,12 @@ from medsr.degrade import apply_consistency, check_consistency, consistency_resi
 from medsr.engine.schedulers import SchedulerConfig, make_scheduler
 from medsr.engine.sessions import Session
 from medsr.engine.tiling import check_tile_options, super_resolve_tiled
-from medsr.errors import NonFiniteError, ShapeError
+from medsr.errors import InputError, NonFiniteError, ShapeError
 
 # trace(stage, slice_indices, array): called with each intermediate stage of each batch, for the parity harness.
 Trace = Callable[[str, Sequence[int], np.ndarray], None]
+#: Noise of SamplingOptions.noise: one generator per slice, or one field shared by every slice of a stack.
+NOISE_MODES = ("per-plane", "shared")
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,10 @@ class SamplingOptions:
     ``tile_size``: slices with a side longer than this many LR pixels run in overlapping tiles of that size, sharing
     at least ``tile_overlap`` LR pixels, blended in the SR domain (medsr.engine.tiling); None never tiles.
     ``batch_size`` then counts tiles.
+
+    ``noise``: ``"per-plane"`` seeds slice i with ``default_rng([seed, i])``; ``"shared"`` gives every slice of one
+    stack the field of ``default_rng([seed, stack])`` (``super_resolve``'s ``stack``), which removes the
+    discontinuities of independent noise between stacked slices (docs/conventions.md, seeds).
     """
 
     steps: int | None = None
@@ -48,11 +59,21 @@ class SamplingOptions:
     consistency: str | None = None
     tile_size: int | None = 128
     tile_overlap: int = 32
+    noise: str = "per-plane"
+
+    def __post_init__(self):
+        if self.noise not in NOISE_MODES:
+            raise InputError(f"noise must be one of {', '.join(NOISE_MODES)}, got {self.noise!r}")
+
+    def generators(self, indices: Sequence[int], stack: int = 0) -> list[np.random.Generator]:
+        """The noise generator of each slice index (see ``noise``), all fresh, so each slice draws on its own."""
+        keys = [[self.seed, stack] if self.noise == "shared" else [self.seed, index] for index in indices]
+        return [np.random.default_rng(key) for key in keys]
 
 
 @dataclass(frozen=True)
 class SRResult:
-    """SR slices (N, s*h, s*w) float32 in the model range, and the consistency residual ||A(SR) - LR|| / ||LR|| of
+    """SR slices (N, f_H*h, f_W*w) float32 in the model range (``bundle.factors``), and the consistency residual ||A(SR) - LR|| / ||LR|| of
     each slice (N,) under the bundle's degradation operator (``bundle.manifest.task.degradation``)."""
 
     images: np.ndarray
@@ -101,15 +122,18 @@ class LatentSRPipeline:
         progress: Callable[[int], None] | None = None,
         trace: Trace | None = None,
         first_index: int = 0,
+        stack: int = 0,
     ) -> SRResult:
-        """Super-resolve (N, h, w) LR slices normalized to the model range to (N, s*h, s*w) float32.
+        """Super-resolve (N, h, w) LR slices normalized to the model range to (N, f_H*h, f_W*w) float32 (the
+        bundle's factors: s x s in-plane, 1 x s through-plane).
 
         Values outside [-1, 1] are clipped for the networks only: data consistency and the residual use the LR as
         given, because it is the measured data.
 
         ``progress(n)`` is called after each batch with the number of slices it held. Slice i is seeded and traced
-        as index ``first_index + i`` (a volume's frames continue the numbering). Slices larger than
-        ``options.tile_size`` run in tiles, one slice at a time, and are not traced.
+        as index ``first_index + i`` (a volume's frames continue the numbering); with shared noise every slice uses
+        the field of ``stack`` (SamplingOptions.noise). Slices larger than ``options.tile_size`` run in tiles, one
+        slice at a time, and are not traced.
         """
         if lr.ndim != 3:
             raise ShapeError(f"expected LR slices shaped (N, H, W), got {lr.shape}")
@@ -117,53 +141,54 @@ class LatentSRPipeline:
             raise ShapeError(f"batch size must be >= 1, got {options.batch_size}")
         consistency = options.consistency or self.bundle.manifest.task.consistency
         check_consistency(consistency, self.degradation)
-        scale = self.bundle.scale
-        out = np.empty((lr.shape[0], lr.shape[1] * scale, lr.shape[2] * scale), dtype=np.float32)
+        f_h, f_w = self.bundle.factors
+        out = np.empty((lr.shape[0], lr.shape[1] * f_h, lr.shape[2] * f_w), dtype=np.float32)
         if options.tile_size is not None and max(lr.shape[1:]) > options.tile_size:
-            self._super_resolve_tiled(lr, out, options, consistency, progress, first_index)
+            self._super_resolve_tiled(lr, out, options, consistency, progress, first_index, stack)
             return SRResult(images=out, residuals=consistency_residual(out, lr.astype(np.float32), self.degradation))
         for start in range(0, lr.shape[0], options.batch_size):
             stop = min(start + options.batch_size, lr.shape[0])
             indices = [first_index + i for i in range(start, stop)]
             batch = lr[start:stop].astype(np.float32)
-            sr = self._super_resolve_batch(np.clip(batch, -1.0, 1.0), indices, options, trace)
+            sr = self._super_resolve_batch(np.clip(batch, -1.0, 1.0), indices, options, trace, stack)
             out[start:stop] = self.enforce_consistency(sr, batch, consistency)
             if progress is not None:
                 progress(len(indices))
         return SRResult(images=out, residuals=consistency_residual(out, lr.astype(np.float32), self.degradation))
 
-    def _super_resolve_tiled(self, lr, out, options, consistency, progress, first_index) -> None:
+    def _super_resolve_tiled(self, lr, out, options, consistency, progress, first_index, stack) -> None:
         """Fill ``out`` slice by slice through medsr.engine.tiling (each slice padded to the size unit first)."""
         size, overlap = check_tile_options(options.tile_size, options.tile_overlap, self.bundle.lr_multiple)
         height, width = lr.shape[1:]
-        scale = self.bundle.scale
+        f_h, f_w = self.bundle.factors
         for i in range(lr.shape[0]):
             padded = pad_to_multiple(np.clip(lr[i : i + 1], -1.0, 1.0).astype(np.float32), self.bundle.lr_multiple)[0]
-            sr = super_resolve_tiled(self, padded, first_index + i, options, size, overlap)
-            sr = sr[None, : height * scale, : width * scale]
+            (rng,) = options.generators([first_index + i], stack)
+            sr = super_resolve_tiled(self, padded, rng, options, size, overlap)
+            sr = sr[None, : height * f_h, : width * f_w]
             out[i] = self.enforce_consistency(sr, lr[i : i + 1].astype(np.float32), consistency)[0]
             if progress is not None:
                 progress(1)
 
     def enforce_consistency(self, sr: np.ndarray, lr: np.ndarray, mode: str) -> np.ndarray:
-        """Data consistency of (B, s*h, s*w) SR slices with their (B, h, w) LR slices (see SamplingOptions)."""
+        """Data consistency of (B, f_H*h, f_W*w) SR slices with their (B, h, w) LR slices (see SamplingOptions)."""
         return apply_consistency(sr, lr, mode, self.degradation)
 
     def _super_resolve_batch(
-        self, lr: np.ndarray, indices: list[int], options: SamplingOptions, trace: Trace | None
+        self, lr: np.ndarray, indices: list[int], options: SamplingOptions, trace: Trace | None, stack: int = 0
     ) -> np.ndarray:
-        scale, channels = self.bundle.scale, self.bundle.image_channels
+        (f_h, f_w), channels = self.bundle.factors, self.bundle.image_channels
         height, width = lr.shape[-2:]
         padded = pad_to_multiple(lr, self.bundle.lr_multiple)
-        image = np.repeat(self.conditioning.image(padded, scale)[:, None], channels, axis=1)
-        rngs = [np.random.default_rng([options.seed, index]) for index in indices]
+        image = np.repeat(self.conditioning.image(padded, self.bundle.scale)[:, None], channels, axis=1)
+        rngs = options.generators(indices, stack)
         z_lr = self.encode(image, rngs, options.lr_latent or self.bundle.manifest.vae.lr_latent)
         _emit(trace, "lr_latent", indices, z_lr)
         latent = self.denoise(z_lr, rngs, options.steps, indices, trace)
         _emit(trace, "final_latent", indices, latent)
         decoded = self.decode(latent)
         _emit(trace, "decoded_image", indices, decoded)
-        return decoded.mean(axis=1)[:, : height * scale, : width * scale]
+        return decoded.mean(axis=1)[:, : height * f_h, : width * f_w]
 
     def autoencode(self, images: np.ndarray) -> np.ndarray:
         """decode(encode(x)) of (N, H, W) slices in [-1, 1]: the autoencoder ceiling, posterior mean, (N, H, W).
@@ -201,10 +226,11 @@ class LatentSRPipeline:
         indices: Sequence[int],
         trace: Trace | None = None,
     ) -> np.ndarray:
-        """Run the sampler from seeded noise to the HR latent (B, C_lat, s*h, s*w), conditioned on ``z_lr`` (the
-        latent of the LR slices (B, C_lat, h, w), or of their upsampling to (B, C_lat, s*h, s*w))."""
-        zoom = self.bundle.scale // self.conditioning.zoom(self.bundle.scale)
-        shape = (z_lr.shape[1], z_lr.shape[2] * zoom, z_lr.shape[3] * zoom)
+        """Run the sampler from seeded noise to the HR latent (B, C_lat, f_H*h, f_W*w), conditioned on ``z_lr`` (the
+        latent of the LR slices (B, C_lat, h, w), or of their upsampling to (B, C_lat, f_H*h, f_W*w))."""
+        factors = self.bundle.factors
+        (z_h, z_w) = (f // z for f, z in zip(factors, self.conditioning.zooms(factors)))
+        shape = (z_lr.shape[1], z_lr.shape[2] * z_h, z_lr.shape[3] * z_w)
 
         def draw() -> np.ndarray:
             return np.stack([rng.standard_normal(shape, dtype=np.float32) for rng in rngs])
@@ -221,7 +247,7 @@ class LatentSRPipeline:
         trace: Trace | None = None,
         chunk: int | None = None,
     ) -> np.ndarray:
-        """The sampler loop from standard normal ``noise`` (B, C_lat, s*h, s*w) to the HR latent.
+        """The sampler loop from standard normal ``noise`` (B, C_lat, f_H*h, f_W*w) to the HR latent.
 
         ``draw_noise()`` gives each step's noise for stochastic samplers; the denoiser runs on at most ``chunk`` items
         at a time (all of them when None), while the scheduler steps the whole stack at once.

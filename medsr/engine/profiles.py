@@ -24,19 +24,22 @@ def padded_size(size: int, multiple: int) -> int:
 def graph_input_shapes(bundle, batch: int, lr_height: int, lr_width: int) -> dict[str, dict[str, Shape]]:
     """{graph: {input name: shape}} for ``batch`` LR slices of lr_height x lr_width pixels (before padding).
 
+    The HR side of each axis is the LR side times the bundle's factor of that axis (``bundle.factors``: s x s
+    in-plane, 1 x s through-plane, where the second axis is the slice direction).
+
     Args:
-        bundle: a medsr.bundle.Bundle (or anything with scale, vae_factor, image_channels,
+        bundle: a medsr.bundle.Bundle (or anything with factors, vae_factor, image_channels,
             latent_channels, lr_multiple and conditioning).
     """
     if batch < 1 or lr_height < 1 or lr_width < 1:
         raise ShapeError(f"batch and LR size must be positive, got batch {batch}, {lr_height}x{lr_width}")
     height, width = padded_size(lr_height, bundle.lr_multiple), padded_size(lr_width, bundle.lr_multiple)
-    f, s, c_lat = bundle.vae_factor, bundle.scale, bundle.latent_channels
-    zoom = bundle.conditioning.zoom(s)  # the encoder sees the LR or its upsampling
-    lr_latent = (batch, c_lat, zoom * height // f, zoom * width // f)
-    hr_latent = (batch, c_lat, s * height // f, s * width // f)
+    f, (s_h, s_w), c_lat = bundle.vae_factor, bundle.factors, bundle.latent_channels
+    z_h, z_w = bundle.conditioning.zooms(bundle.factors)  # the encoder sees the LR or its upsampling
+    lr_latent = (batch, c_lat, z_h * height // f, z_w * width // f)
+    hr_latent = (batch, c_lat, s_h * height // f, s_w * width // f)
     shapes = {
-        "vae_encoder": {"image": (batch, bundle.image_channels, zoom * height, zoom * width)},
+        "vae_encoder": {"image": (batch, bundle.image_channels, z_h * height, z_w * width)},
         "vae_decoder": {"latent": hr_latent},
         "denoiser": {"sample": hr_latent, "lr_latent": lr_latent, "timestep": (batch,)},
     }

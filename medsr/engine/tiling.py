@@ -7,10 +7,13 @@ decoder on its own, so the model's working memory is that of one batch of tiles,
 
 Noise: the tiles run in lockstep through one sampler over the stack of tiles, and each tile's noise (LR posterior
 sample, initial noise, per-step noise of stochastic samplers) is the crop of the array the untiled slice would have
-drawn from its own generator ``default_rng([seed, slice_index])``. Overlapping tiles therefore start from the same
+drawn from its own generator (``default_rng([seed, slice_index])``, or the stack's with shared noise). Overlapping tiles therefore start from the same
 noise, and a slice that fits in one tile gives exactly the untiled result. Under the ``upsampled_latent_concat``
 conditioning the whole slice is upsampled once and the tiles' conditioning images are cut from it, as training cuts
 its crops from whole-slice upsamplings.
+
+Scale: the SR domain is the LR one times the bundle's factors per axis (f_H, f_W): (s, s) in-plane, (1, s)
+through-plane, where a square LR tile becomes T x sT.
 
 Blending: each SR tile is weighted by a separable window that is 1 inside and ramps as sin^2 over its overlap with
 each neighbour (cos^2 toward it), so two neighbours' weights sum to 1 across their overlap, and the tile's outermost
@@ -74,44 +77,46 @@ def blend_window(origins: list[int], tile: int, scale: int) -> list[np.ndarray]:
     return windows
 
 
-def super_resolve_tiled(pipeline, lr: np.ndarray, index: int, options, size: int, overlap: int) -> np.ndarray:
-    """Super-resolve one padded LR slice (H, W) in [-1, 1] in tiles; return the SR slice (s*H, s*W) float32.
+def super_resolve_tiled(
+    pipeline, lr: np.ndarray, rng: np.random.Generator, options, size: int, overlap: int
+) -> np.ndarray:
+    """Super-resolve one padded LR slice (H, W) in [-1, 1] in tiles; return the SR slice (f_H*H, f_W*W) float32.
 
-    ``pipeline`` is the LatentSRPipeline (its encode, sample_latents and decode run each stack of tiles), ``index`` the
-    slice's seed index, ``options`` its SamplingOptions, ``size`` and ``overlap`` as ``check_tile_options`` returns.
+    ``pipeline`` is the LatentSRPipeline (its encode, sample_latents and decode run each stack of tiles), ``rng`` the
+    slice's fresh noise generator (``options.generators``), ``options`` its SamplingOptions, ``size`` and
+    ``overlap`` as ``check_tile_options`` returns.
     """
     bundle = pipeline.bundle
-    scale, factor = bundle.scale, bundle.vae_factor
+    (f_h, f_w), factor = bundle.factors, bundle.vae_factor
     height, width = lr.shape
     tile_h, tile_w = min(size, height), min(size, width)
     rows, cols = tile_origins(height, tile_h, overlap), tile_origins(width, tile_w, overlap)
     boxes = [(y, x) for y in rows for x in cols]
-    rng = np.random.default_rng([options.seed, index])
     channels = bundle.latent_channels
     lr_latent = options.lr_latent or bundle.manifest.vae.lr_latent
-    zoom = pipeline.conditioning.zoom(scale)  # conditioning image size / LR size
+    zoom = pipeline.conditioning.zooms(bundle.factors)  # conditioning image size / LR size, per axis
     eps = None
     if lr_latent == "sample":
-        eps = rng.standard_normal((channels, zoom * height // factor, zoom * width // factor), dtype=np.float32)
-    hr_shape = (channels, scale * height // factor, scale * width // factor)
+        eps = rng.standard_normal((channels, zoom[0] * height // factor, zoom[1] * width // factor), dtype=np.float32)
+    hr_shape = (channels, f_h * height // factor, f_w * width // factor)
 
-    def crops(array: np.ndarray, zoom: int) -> np.ndarray:
-        """The (n_tiles, C, ...) stack of tile crops of a latent array ``zoom`` times the LR latent size."""
+    def crops(array: np.ndarray, zoom: tuple[int, int]) -> np.ndarray:
+        """The (n_tiles, C, ...) stack of tile crops of a latent array ``zoom`` (per axis) times the LR latent size."""
         return np.stack(
             [
                 array[
                     :,
-                    zoom * y // factor : zoom * (y + tile_h) // factor,
-                    zoom * x // factor : zoom * (x + tile_w) // factor,
+                    zoom[0] * y // factor : zoom[0] * (y + tile_h) // factor,
+                    zoom[1] * x // factor : zoom[1] * (x + tile_w) // factor,
                 ]
                 for y, x in boxes
             ]
         )
 
     chunk = max(1, options.batch_size)
-    condition = pipeline.conditioning.image(lr, scale)  # of the whole slice, as in training, then cut into tiles
+    condition = pipeline.conditioning.image(lr, bundle.scale)  # of the whole slice, as in training, then cut
     tiles = np.stack(
-        [condition[zoom * y : zoom * (y + tile_h), zoom * x : zoom * (x + tile_w)] for y, x in boxes]
+        [condition[zoom[0] * y : zoom[0] * (y + tile_h), zoom[1] * x : zoom[1] * (x + tile_w)] for y, x in boxes]
     ).astype(np.float32)
     image = np.repeat(tiles[:, None], bundle.image_channels, axis=1)
     eps_tiles = crops(eps, zoom) if eps is not None else None
@@ -121,30 +126,31 @@ def super_resolve_tiled(pipeline, lr: np.ndarray, index: int, options, size: int
             for a in range(0, len(boxes), chunk)
         ]
     )
-    noise = crops(rng.standard_normal(hr_shape, dtype=np.float32), scale)
+    factors = bundle.factors
+    noise = crops(rng.standard_normal(hr_shape, dtype=np.float32), factors)
     latent = pipeline.sample_latents(
-        z_lr, noise, lambda: crops(rng.standard_normal(hr_shape, dtype=np.float32), scale), options.steps, chunk=chunk
+        z_lr, noise, lambda: crops(rng.standard_normal(hr_shape, dtype=np.float32), factors), options.steps, chunk=chunk
     )
     return _blend(pipeline, latent, boxes, rows, cols, (tile_h, tile_w), (height, width), chunk)
 
 
 def _blend(pipeline, latent, boxes, rows, cols, tile, shape, chunk) -> np.ndarray:
-    """Decode the tiles' latents ``chunk`` at a time and blend them into the (s*H, s*W) SR slice."""
-    scale = pipeline.bundle.scale
-    window_y = dict(zip(rows, blend_window(rows, tile[0], scale)))
-    window_x = dict(zip(cols, blend_window(cols, tile[1], scale)))
-    out = np.zeros((scale * shape[0], scale * shape[1]), dtype=np.float32)
+    """Decode the tiles' latents ``chunk`` at a time and blend them into the (f_H*H, f_W*W) SR slice."""
+    f_h, f_w = pipeline.bundle.factors
+    window_y = dict(zip(rows, blend_window(rows, tile[0], f_h)))
+    window_x = dict(zip(cols, blend_window(cols, tile[1], f_w)))
+    out = np.zeros((f_h * shape[0], f_w * shape[1]), dtype=np.float32)
     for a in range(0, len(boxes), chunk):
         decoded = pipeline.decode(latent[a : a + chunk]).mean(axis=1)
         for (y, x), sr in zip(boxes[a : a + chunk], decoded):
             weight = np.outer(window_y[y], window_x[x]).astype(np.float32)
-            out[scale * y : scale * (y + tile[0]), scale * x : scale * (x + tile[1])] += sr * weight
+            out[f_h * y : f_h * (y + tile[0]), f_w * x : f_w * (x + tile[1])] += sr * weight
     total_y = np.zeros(out.shape[0])
     total_x = np.zeros(out.shape[1])
     for y in rows:
-        total_y[scale * y : scale * (y + tile[0])] += window_y[y]
+        total_y[f_h * y : f_h * (y + tile[0])] += window_y[y]
     for x in cols:
-        total_x[scale * x : scale * (x + tile[1])] += window_x[x]
+        total_x[f_w * x : f_w * (x + tile[1])] += window_x[x]
     out /= total_y[:, None].astype(np.float32)
     out /= total_x[None, :].astype(np.float32)
     return out

@@ -32,6 +32,7 @@ import numpy as np
 from medsr.data.pairs import trim_to_multiple
 from medsr.degrade import BASELINES, CONSISTENCY_MODES, consistency_residual, upsample_baseline
 from medsr.engine.pipeline import LatentSRPipeline, SamplingOptions
+from medsr.engine.volume import check_task_plane
 from medsr.errors import InputError
 from medsr.eval.metrics import hallucination_rates, image_metrics
 from medsr.eval.slices import EvalSlice
@@ -142,8 +143,9 @@ def evaluate(
     """Measure every configuration of ``settings`` on every slice.
 
     ``progress(1)`` is called after each slice; ``keep(outputs)`` receives each slice's images (for figures) before
-    they are dropped.
+    they are dropped. Only in-plane models are measured (a through-plane one is refused naming it).
     """
+    check_task_plane(pipeline.bundle, through_plane=False)
     ids = [s.id for s in slices]
     if len(set(ids)) != len(ids):
         raise InputError(

@@ -52,9 +52,9 @@ class ExampleShape:
 def example_inputs(preset: Preset, shape: ExampleShape, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
     """Random inputs for every graph at one LR size: {graph: {input name: tensor}} (float32, CPU)."""
     generator = torch.Generator().manual_seed(seed)
-    f, s, c_lat = preset.vae_factor, preset.scale, preset.latent_channels
+    f, (s_h, s_w), c_lat = preset.vae_factor, preset.factors, preset.latent_channels
     lr_h, lr_w = shape.lr_height // f, shape.lr_width // f
-    zoom = preset.conditioning.zoom(s)  # the conditioning latent is that of the LR or of its upsampling
+    z_h, z_w = preset.conditioning.zooms(preset.factors)  # the conditioning latent: of the LR or of its upsampling
 
     def randn(*size: int) -> torch.Tensor:
         return torch.randn(*size, generator=generator)
@@ -63,10 +63,10 @@ def example_inputs(preset: Preset, shape: ExampleShape, seed: int = 0) -> dict[s
         "vae_encoder": {
             "image": randn(shape.batch, preset.image_channels, shape.lr_height, shape.lr_width).clamp(-1, 1)
         },
-        "vae_decoder": {"latent": randn(shape.batch, c_lat, lr_h * s, lr_w * s)},
+        "vae_decoder": {"latent": randn(shape.batch, c_lat, lr_h * s_h, lr_w * s_w)},
         "denoiser": {
-            "sample": randn(shape.batch, c_lat, lr_h * s, lr_w * s),
-            "lr_latent": randn(shape.batch, c_lat, zoom * lr_h, zoom * lr_w),
+            "sample": randn(shape.batch, c_lat, lr_h * s_h, lr_w * s_w),
+            "lr_latent": randn(shape.batch, c_lat, z_h * lr_h, z_w * lr_w),
             "timestep": torch.rand(shape.batch, generator=generator) * 999.0,
         },
     }
@@ -164,6 +164,7 @@ def build_manifest(
             intensity=IntensityWindow(**preset.intensity),
             degradation=degradation,
             consistency=preset.consistency,
+            plane=preset.plane,
         ),
         vae=Vae(
             downsample_factor=preset.vae_factor,

@@ -33,6 +33,18 @@ def upsample_affine(affine: np.ndarray, factors: Sequence[float]) -> np.ndarray:
     return np.asarray(affine, dtype=np.float64) @ upsampling_matrix(factors)
 
 
+def upsample_affine_along(affine: np.ndarray, axis: int, factor: int) -> np.ndarray:
+    """Affine of a grid upsampled by ``factor`` along voxel ``axis`` only (through-plane SR): old voxel i of that
+    axis sits on new voxel centre factor*i + (factor-1)/2, the other axes keep their voxels.
+
+    >>> upsample_affine_along(np.diag([1.0, 1.0, 4.0, 1.0]), 2, 4) @ [0, 0, 1.5, 1]
+    array([0., 0., 0., 1.])
+    """
+    factors = [1, 1, 1]
+    factors[axis] = factor
+    return upsample_affine(affine, factors)
+
+
 def grid_corners_world(affine: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     """World coordinates (8, 3) of the outer corners of a voxel grid (voxel edges, not centres), in mm.
 

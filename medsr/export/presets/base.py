@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 
 from medsr.bundle.conditioning import PAPER, Conditioning
+from medsr.bundle.manifest import IN_PLANE, THROUGH_PLANE
 
 
 @dataclass(frozen=True)
@@ -20,7 +21,8 @@ class Preset:
     Attributes:
         name: preset name, as ``medsr-export --preset NAME`` takes it.
         description: one line for ``--help`` and the manifest.
-        scale: in-plane super-resolution factor s (LR pixel i <-> HR pixel centre s*i + (s-1)/2).
+        scale: super-resolution factor s (LR pixel i <-> HR pixel centre s*i + (s-1)/2), of both plane axes
+            (``plane`` "in-plane") or of the second one, the slice direction ("through-plane").
         image_channels: channels the VAE takes; grayscale images are replicated to this many and averaged back.
         vae: diffusers AutoencoderKL keyword arguments.
         unet: diffusers UNet2DModel keyword arguments (in_channels = 2 * latent channels: noisy HR latent + LR latent).
@@ -31,6 +33,8 @@ class Preset:
         degradation: the operator that made LR from HR in training (medsr.degrade), or None when unknown.
         consistency: the engine's default data-consistency mode ("none", "kspace", "backproject").
         conditioning: how the denoiser sees the LR slice (medsr.bundle.conditioning; default the paper's).
+        plane: "in-plane" (s x s) or "through-plane" (1 x s on planes containing the slice axis; needs a
+            ``thick_slices`` degradation), the manifest's ``task.plane``.
         vae_checkpoint: which published VAE ``--vae-weights`` holds: a medsr.export.checkpoints.MEDVAE_MODELS name,
             "sd-vae", or None (medsr's own safetensors via ``--weights``).
     """
@@ -49,6 +53,7 @@ class Preset:
     degradation: dict | None = None
     consistency: str = "none"
     conditioning: Conditioning = PAPER
+    plane: str = IN_PLANE
     vae_checkpoint: str | None = None
 
     @property
@@ -61,8 +66,14 @@ class Preset:
         return self.vae["latent_channels"]
 
     @property
+    def factors(self) -> tuple[int, int]:
+        """Upsampling factor of each plane axis (H, W): (s, s) in-plane, (1, s) through-plane."""
+        return (1, self.scale) if self.plane == THROUGH_PLANE else (self.scale, self.scale)
+
+    @property
     def lr_multiple(self) -> int:
         """LR sizes must be multiples of this: the LR latent is LR/f and the HR latent s*LR/f must pass the UNet's
-        2**(levels-1) downsampling, so m = f * d / gcd(s, d) with d = 2**(UNet levels - 1)."""
+        2**(levels-1) downsampling, so m = f * d / gcd(s, d) with d = 2**(UNet levels - 1); through-plane the
+        first axis is not upsampled, so m = f * d."""
         d = 2 ** (len(self.unet["block_out_channels"]) - 1)
-        return self.vae_factor * d // math.gcd(self.scale, d)
+        return self.vae_factor * d // math.gcd(min(self.factors), d)

@@ -1,11 +1,12 @@
-"""medsr's own presets: ``tiny`` and ``tiny-attention`` for tests (export and run in seconds on a CPU) and
-``default``, the bundled default model (docs/default_model.md)."""
+"""medsr's own presets: ``tiny``, ``tiny-attention`` and ``tiny-through-plane`` for tests (export and run in seconds
+on a CPU) and ``default``, the bundled default model (docs/default_model.md)."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 
 from medsr.bundle.conditioning import UPSAMPLED, Conditioning
+from medsr.bundle.manifest import THROUGH_PLANE
 from medsr.export.presets.base import Preset
 
 
@@ -109,6 +110,19 @@ def _default() -> Preset:
     )
 
 
+def _tiny_through_plane() -> Preset:
+    """``tiny`` as a through-plane model for tests: 1 x 4 on planes containing the slice axis (the second plane
+    axis), Gaussian thick slices of FWHM 4 HR voxels (contiguous), exact projection as data consistency."""
+    return replace(
+        _tiny(),
+        name="tiny-through-plane",
+        description="Tiny through-plane model for tests: 1x4 along the slice axis, Gaussian slices, tiny's networks.",
+        degradation={"name": "thick_slices", "scale": 4, "profile": "gaussian", "fwhm": 4.0},
+        consistency="project",
+        plane=THROUGH_PLANE,
+    )
+
+
 def own_presets() -> tuple[Preset, ...]:
-    """``tiny``, ``tiny-attention`` and ``default``."""
-    return (_tiny(), _tiny_attention(), _default())
+    """``tiny``, ``tiny-attention``, ``tiny-through-plane`` and ``default``."""
+    return (_tiny(), _tiny_attention(), _tiny_through_plane(), _default())

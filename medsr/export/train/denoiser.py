@@ -15,8 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medsr.bundle.manifest import THROUGH_PLANE
 from medsr.data.augment import with_contrast_copies
 from medsr.data.pairs import Slice, random_crop_pairs
+from medsr.degrade import degradation_from_dict
 from medsr.engine.schedulers import SchedulerConfig, add_noise, training_target
 from medsr.errors import InputError, ShapeError
 from medsr.export.models import ConditionedDenoiser, VaeEncoderGraph, build_unet, build_vae
@@ -90,7 +92,8 @@ def encode_latents(vae, images: np.ndarray, preset: Preset, chunk: int = 64) -> 
 def build_latent_cache(run_dir: Path, vae, preset: Preset, slices: list[Slice], objective: DenoiserConfig, seed: int):
     """(hr latents, conditioning latents), encoded once and stored in ``run_dir/latents.safetensors`` (reused if
     present). The conditioning latent is the LR crop's, or the HR-size crop of the whole LR slice's upsampling under
-    the preset's ``upsampled_latent_concat`` conditioning (medsr.bundle.conditioning), as the engine encodes it."""
+    the preset's ``upsampled_latent_concat`` conditioning (medsr.bundle.conditioning), as the engine encodes it.
+    A through-plane preset's LR crops are its thick slices along the crops' second axis (1 x s)."""
     from safetensors.torch import load_file, save_file
 
     path = run_dir / LATENT_CACHE
@@ -103,8 +106,15 @@ def build_latent_cache(run_dir: Path, vae, preset: Preset, slices: list[Slice], 
     rng = np.random.default_rng([seed, 2**32 - 1])  # not a step's stream
     slices = with_contrast_copies(slices, objective.contrast_copies, np.random.default_rng([seed, 2**32 - 2]))
     conditioning = preset.conditioning
+    through_plane = preset.plane == THROUGH_PLANE  # the preset's thick slices along the crops' second axis
     pairs = random_crop_pairs(
-        slices, objective.pairs, objective.crop, preset.scale, rng, upsampler=conditioning.upsampler
+        slices,
+        objective.pairs,
+        objective.crop,
+        preset.scale,
+        rng,
+        upsampler=conditioning.upsampler,
+        degradation=degradation_from_dict(preset.degradation) if through_plane else None,
     )
     condition = pairs.lr if conditioning.upsampler is None else pairs.upsampled
     cache = {"hr": encode_latents(vae, pairs.hr, preset), "lr": encode_latents(vae, condition, preset)}
