@@ -2,7 +2,8 @@
 
 ``torch`` is the eager PyTorch reference in fp32; ``torch:bf16`` / ``torch:fp16`` run the same modules under
 ``torch.autocast`` (what a PyTorch user would do for reduced precision); ``torch:compile`` runs them through
-``torch.compile`` (fp32). The others open the bundle's ONNX graphs through medsr.engine.sessions.
+``torch.compile`` (fp32). ``auto`` (``auto:fp32``...) is what ``--engine auto`` picks on the device
+(medsr.engine.select.choose_engine). The others open the bundle's ONNX graphs through medsr.engine.sessions.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from medsr.engine.sessions import ENGINES, open_sessions
+from medsr.engine.select import AUTO_ENGINE, ENGINE_CHOICES, choose_engine
+from medsr.engine.sessions import open_sessions
 from medsr.errors import BackendError
 
 TORCH_VARIANTS = ("fp32", "bf16", "fp16", "compile")
@@ -19,7 +21,8 @@ TORCH_VARIANTS = ("fp32", "bf16", "fp16", "compile")
 
 @dataclass(frozen=True)
 class EngineSpec:
-    """One engine of a benchmark: ``name`` in medsr.engine.sessions.ENGINES and a precision (or torch variant)."""
+    """One engine of a benchmark: ``name`` in medsr.engine.select.ENGINE_CHOICES and a precision (or torch variant;
+    ``auto`` for the engine ``auto``)."""
 
     name: str
     precision: str = "fp32"
@@ -27,15 +30,25 @@ class EngineSpec:
     @classmethod
     def parse(cls, text: str) -> EngineSpec:
         name, _, precision = text.partition(":")
-        if name not in ENGINES:
-            raise BackendError(f"unknown engine {name!r} in {text!r}; choose one of {', '.join(ENGINES)}")
+        if name not in ENGINE_CHOICES:
+            raise BackendError(f"unknown engine {name!r} in {text!r}; choose one of {', '.join(ENGINE_CHOICES)}")
+        if name == AUTO_ENGINE:
+            return cls(name, precision or "auto")
         if name == "torch" and (precision or "fp32") not in TORCH_VARIANTS:
             raise BackendError(f"torch variants are {', '.join(TORCH_VARIANTS)}, got {precision!r}")
         return cls(name, precision or "fp32")
 
     @property
     def label(self) -> str:
-        return self.name if self.precision == "fp32" else f"{self.name}:{self.precision}"
+        default = "auto" if self.name == AUTO_ENGINE else "fp32"
+        return self.name if self.precision == default else f"{self.name}:{self.precision}"
+
+    def resolve(self, device: str) -> tuple[EngineSpec, str]:
+        """The spec that runs, and why: ``auto`` becomes the engine choose_engine picks; others stay as named."""
+        if self.name != AUTO_ENGINE:
+            return self, ""
+        choice = choose_engine(device, self.precision)
+        return EngineSpec(choice.engine, choice.precision), choice.reason
 
 
 class TorchVariantSession:
@@ -61,7 +74,8 @@ class TorchVariantSession:
 
 
 def open_engine(bundle, spec: EngineSpec, device: str, threads: int | None) -> dict:
-    """Sessions of ``spec`` for every graph of ``bundle``."""
+    """Sessions of ``spec`` for every graph of ``bundle`` (``auto``: of the engine it resolves to)."""
+    spec, _ = spec.resolve(device)
     if spec.name != "torch":
         return open_sessions(bundle, spec.name, device=device, threads=threads, precision=spec.precision)
     import medsr.export.reference  # noqa: F401  registers the engine's torch backend

@@ -53,6 +53,10 @@ def markdown(report: dict) -> str:
             + ", ".join(f"{k} {v / 1e9:.2f}" for k, v in flops.items())
             + f". NumPy scheduler step alone: {1e3 * model['scheduler_step_seconds']:.3f} ms per batch.",
             "Engine open (s): " + ", ".join(f"{k} {v:.1f}" for k, v in model["open_seconds"].items()) + ".",
+            *(
+                f"`{label}` ran {choice['engine']}: {choice['reason']}."
+                for label, choice in model.get("engine_choices", {}).items()
+            ),
             "",
             "| batch | engine | end to end s/slice | speedup vs torch | denoiser step s/slice | sampler s/slice | "
             + " | ".join(f"{name} s/slice" for name in _STAGE_COLUMNS)

@@ -73,13 +73,18 @@ def ensure_bundle(preset_name: str, work_dir: Path):
         return load_bundle(path)
 
 
-def _open_all(bundle, specs: list[EngineSpec], config: BenchConfig) -> tuple[dict, dict]:
-    sessions, open_seconds = {}, {}
+def _open_all(bundle, specs: list[EngineSpec], config: BenchConfig) -> tuple[dict, dict, dict]:
+    """Sessions and open seconds per engine label, and what each ``auto`` engine resolved to and why."""
+    sessions, open_seconds, choices = {}, {}, {}
     for spec in specs:
         start = time.perf_counter()
-        sessions[spec.label] = open_engine(bundle, spec, config.device, config.threads)
+        concrete, reason = spec.resolve(config.device)
+        sessions[spec.label] = open_engine(bundle, concrete, config.device, config.threads)
         open_seconds[spec.label] = time.perf_counter() - start
-    return sessions, open_seconds
+        if reason:
+            providers = {graph: list(session.providers) for graph, session in sessions[spec.label].items()}
+            choices[spec.label] = {"engine": concrete.label, "reason": reason, "providers": providers}
+    return sessions, open_seconds, choices
 
 
 def bench_preset(preset_name: str, config: BenchConfig, log=print) -> dict:
@@ -90,7 +95,7 @@ def bench_preset(preset_name: str, config: BenchConfig, log=print) -> dict:
         config.work_dir / f"lr_{config.lr_size}_{config.slices}.nii.gz", config.lr_size, config.slices
     )
     flops = graph_flops(bundle, config.lr_size, config.lr_size)
-    sessions, open_seconds = _open_all(bundle, specs, config)
+    sessions, open_seconds, choices = _open_all(bundle, specs, config)
     scheduler_config = bundle.manifest.scheduler
     runs, outputs = [], {}
     with tempfile.TemporaryDirectory() as scratch:
@@ -128,6 +133,7 @@ def bench_preset(preset_name: str, config: BenchConfig, log=print) -> dict:
         "parameters": _parameter_counts(bundle),
         "flops_per_slice": flops,
         "open_seconds": open_seconds,
+        "engine_choices": choices,
         "scheduler_step_seconds": scheduler_step_seconds(scheduler_config, shape, config.steps),
         "parity_db": _parity(outputs, specs, config.batch_sizes),
         "runs": runs,

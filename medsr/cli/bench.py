@@ -24,7 +24,8 @@ from medsr.cli.common import medsr_errors, run_command
     multiple=True,
     default=("torch", "ort"),
     show_default=True,
-    help="engine[:precision], e.g. torch, ort, torch:bf16, openvino:bf16, trt:fp16 (repeatable; "
+    help="engine[:precision], e.g. auto (what --engine auto picks), torch, ort, torch:bf16, openvino:bf16, "
+    "trt:fp16 (repeatable; "
     "include torch for the speedup column).",
 )
 @click.option(

@@ -9,6 +9,7 @@ Engines: ``ort`` (ONNX Runtime, CPU or CUDA), ``trt`` (native TensorRT, medsr.en
 (:func:`register_backend`); the built-in ones import their runtime only when called, so the ort path never loads
 TensorRT or OpenVINO. The engine never imports the PyTorch side: ``medsr.export.reference`` registers ``torch``
 when it is imported (the command-line layer does so for ``--engine torch``), see docs/design.md, "Import rules".
+``--engine auto`` (the default) chooses among them in medsr.engine.select.
 """
 
 from __future__ import annotations
