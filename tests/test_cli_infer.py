@@ -22,7 +22,7 @@ NO_TORCH_MAIN = (
 def ort_output(tiny_bundle, example4d_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("infer") / "out.nii.gz"
     args = [str(example4d_path), "-o", str(out), "--model", str(tiny_bundle), "--frame", "0", "--steps", "2"]
-    result = CliRunner().invoke(infer, args)
+    result = CliRunner().invoke(infer, [*args, "--engine", "ort"])
     assert result.exit_code == 0, result.output
     return out, result.output
 
@@ -113,7 +113,7 @@ def test_openvino_engine_matches_ort_in_fp32(ort_output, tiny_bundle, example4d_
 def test_precision_the_engine_cannot_run_is_refused(tiny_bundle, example4d_path, tmp_path):
     out = tmp_path / "fp16.nii.gz"
     args = [str(example4d_path), "-o", str(out), "--model", str(tiny_bundle), "--precision", "fp16"]
-    result = CliRunner().invoke(infer, args)
+    result = CliRunner().invoke(infer, [*args, "--engine", "ort"])
     assert result.exit_code == 1 and "--engine ort runs fp32 only" in result.output
     assert not out.exists()
 

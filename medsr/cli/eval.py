@@ -10,6 +10,7 @@ import click
 from medsr.cli.common import medsr_errors, run_command, torch_reference
 from medsr.cli.model import MODEL_HELP
 from medsr.engine.precision import precision_choices
+from medsr.engine.select import AUTO_ENGINE, ENGINE_CHOICES, ENGINE_HELP, PRECISION_DEFAULT_HELP
 
 PARITY_ENGINES = ("ort", "trt", "openvino")
 
@@ -43,10 +44,10 @@ def _parity_table(run) -> str:
 
 @cli.command()
 @click.option("--model", type=click.Path(path_type=Path), help=MODEL_HELP)
-@click.option("--engine", type=click.Choice(PARITY_ENGINES), default="ort", show_default=True)
 @click.option(
-    "--precision", type=click.Choice(precision_choices(*PARITY_ENGINES)), default="fp32", show_default=True
+    "--engine", type=click.Choice((AUTO_ENGINE, *PARITY_ENGINES)), default="auto", show_default=True, help=ENGINE_HELP
 )
+@click.option("--precision", type=click.Choice(precision_choices(*PARITY_ENGINES)), help=f"{PRECISION_DEFAULT_HELP}.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--reference-device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option(
@@ -92,6 +93,7 @@ def parity(
 
     from medsr.cli.model import load_model
     from medsr.engine.pipeline import SamplingOptions
+    from medsr.engine.select import resolve_engine
     from medsr.engine.volume import window_percentiles
     from medsr.eval.harness import parity_inputs, run_parity
     from medsr.io.atomic import check_output_path, write_text_atomic
@@ -102,15 +104,18 @@ def parity(
     torch_reference()
     lr, ids = parity_inputs(list(data), slices, size, window_percentiles(bundle))
     options = SamplingOptions(steps=steps, seed=seed, batch_size=batch_size)
+    engine, precision, reason = resolve_engine(engine, device, precision)
     run = run_parity(bundle, engine, lr, ids, options, precision, threshold_db, device, reference_device, threads)
-    click.echo(f"{bundle.name}: engine {engine} {precision} [{','.join(run.providers)}] vs torch fp32 reference")
+    click.echo(
+        f"{bundle.name}: engine {engine} {precision} [{','.join(run.providers)}] ({reason}) vs torch fp32 reference"
+    )
     click.echo(f"{len(ids)} real slices, LR {lr.shape[1]}x{lr.shape[2]}: {', '.join(ids)}")
     if run.report is not None:
         click.echo(_parity_table(run))
         if run.report.note:
             click.echo(f"note: {run.report.note}")
     if output is not None:
-        report = {"model": bundle.name, "bundle": str(bundle.root), **run.to_dict()}
+        report = {"model": bundle.name, "bundle": str(bundle.root), **run.to_dict(), "engine_reason": reason}
         write_text_atomic(output, json.dumps(report, indent=1) + "\n", overwrite=overwrite)
     if not run.passed:
         raise click.ClickException(f"parity failed: {run.failure()}")
@@ -145,7 +150,7 @@ def parity(
 )
 @click.option("--name", help="Name of the model's configurations (default: the bundle's name).")
 @click.option("--dataset", help="Dataset name in the summaries (default: the source names joined by '+').")
-@click.option("--engine", type=click.Choice(["ort", "torch", "trt", "openvino"]), default="ort", show_default=True)
+@click.option("--engine", type=click.Choice(ENGINE_CHOICES), default="auto", show_default=True, help=ENGINE_HELP)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--steps", type=click.IntRange(min=1), help="Sampler steps (default: the bundle's).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
@@ -179,6 +184,7 @@ def fidelity(
 
     from medsr.cli.model import load_model
     from medsr.engine.pipeline import LatentSRPipeline, SamplingOptions
+    from medsr.engine.select import resolve_engine
     from medsr.engine.sessions import open_sessions
     from medsr.engine.volume import window_percentiles
     from medsr.errors import InputError
@@ -187,6 +193,7 @@ def fidelity(
     from medsr.eval.slices import eval_sources, load_eval_slices, spread
 
     bundle = load_model(model)
+    choice = resolve_engine(engine, device)
     if scale is not None and scale != bundle.scale:
         raise InputError(f"--scale {scale}, but the model {bundle.root} super-resolves x{bundle.scale}")
     sources = eval_sources(list(data), axis=axis)
@@ -201,9 +208,10 @@ def fidelity(
     dataset = dataset or "+".join(source.name for source in sources)
     panel_ids = {s.id for s in spread(slices, panels)} if panels else set()
     report.prepare_output_dir(output, settings.configs, sorted(panel_ids), overwrite)
-    if engine == "torch":
+    if choice.engine == "torch":
         torch_reference()
-    pipeline = LatentSRPipeline(bundle, open_sessions(bundle, engine, device=device, threads=threads))
+    sessions = open_sessions(bundle, choice.engine, device=device, threads=threads, precision=choice.precision)
+    pipeline = LatentSRPipeline(bundle, sessions)
     kept = []
     with tqdm(total=len(slices), unit="slice", desc="fidelity", disable=None) as bar:
         result = evaluate(
@@ -218,7 +226,8 @@ def fidelity(
         "bundle": str(bundle.root),
         "scale": bundle.scale,
         "degradation": pipeline.degradation.to_dict(),
-        "engine": engine,
+        "engine": f"{choice.engine} {choice.precision}",
+        "engine_reason": choice.reason,
         "steps": steps or pipeline.scheduler_config.default_steps,
         "seed": seed,
         "sources": {source.name: str(source.path) for source in sources},
@@ -226,6 +235,8 @@ def fidelity(
     report.write_report(output, result, dataset, context, kept)
     click.echo(report.markdown_summary(result, dataset))
     click.echo(f"wrote {output}: {len(slices)} images x {len(settings.configs)} configurations")
+    providers = ",".join(next(iter(sessions.values())).providers)
+    click.echo(f"engine {choice.engine} {choice.precision} [{providers}] ({choice.reason})")
 
 
 @cli.command()

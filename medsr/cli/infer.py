@@ -12,7 +12,9 @@ from medsr.bundle.scheduler import ALGORITHMS
 from medsr.cli.common import medsr_errors, run_command, torch_reference
 from medsr.cli.model import MODEL_HELP
 from medsr.degrade import CONSISTENCY_MODES
+from medsr.engine.pipeline import NOISE_MODES
 from medsr.engine.precision import describe_precisions, precision_choices
+from medsr.engine.select import ENGINE_CHOICES, ENGINE_HELP, PRECISION_DEFAULT_HELP
 from medsr.engine.sessions import ENGINES
 from medsr.io.dtypes import DTYPE_CHOICES
 from medsr.io.formats import OUTPUT_FORMATS
@@ -43,15 +45,20 @@ from medsr.io.formats import OUTPUT_FORMATS
 )
 @click.option("--series", help="DICOM series to read from a directory holding several (SeriesInstanceUID or number).")
 @click.option("--model", type=click.Path(path_type=Path), help=MODEL_HELP)
-@click.option("--engine", type=click.Choice(ENGINES), default="ort", show_default=True)
+@click.option("--engine", type=click.Choice(ENGINE_CHOICES), default="auto", show_default=True, help=ENGINE_HELP)
 @click.option(
     "--precision",
     type=click.Choice(precision_choices(*ENGINES)),
-    default="fp32",
-    show_default=True,
-    help=f"{describe_precisions(*ENGINES)} (auto: reduced precision per graph where parity passes).",
+    help=f"{describe_precisions(*ENGINES)} (auto: reduced precision per graph where parity passes); "
+    f"{PRECISION_DEFAULT_HELP}.",
 )
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option(
+    "--device",
+    type=click.Choice(["cpu", "cuda"]),
+    default="cpu",
+    show_default=True,
+    help="Never detected: cuda runs on the GPU.",
+)
 @click.option("--sampler", type=click.Choice(ALGORITHMS), help="Sampler (default: the bundle's).")
 @click.option("--steps", type=click.IntRange(min=1), help="Sampler steps (default: the bundle's).")
 @click.option(
@@ -69,6 +76,29 @@ from medsr.io.formats import OUTPUT_FORMATS
     "--axis", type=click.IntRange(0, 2), help="Slice axis (default: DICOM's slice axis, else the largest spacing)."
 )
 @click.option("--frame", type=click.IntRange(min=0), help="Only this frame of a 4D volume (default: every frame).")
+@click.option(
+    "--through-plane",
+    is_flag=True,
+    help="Upsample along the slice axis (--axis, default the largest spacing) with a through-plane model "
+    "(--model): both orientations containing it, averaged, consistent with the measured slices; writes NIfTI.",
+)
+@click.option(
+    "--through-plane-scale",
+    type=click.IntRange(min=2),
+    help="With --through-plane: HR voxels per slice (default: round(slice spacing / in-plane spacing)).",
+)
+@click.option(
+    "--slice-thickness",
+    type=click.FloatRange(min=0, min_open=True),
+    help="With --through-plane: slice thickness in mm (default: DICOM SliceThickness, else the slice spacing).",
+)
+@click.option(
+    "--noise",
+    type=click.Choice(NOISE_MODES),
+    default="per-plane",
+    show_default=True,
+    help="Initial noise: drawn per plane, or one field shared by every plane of a stack (no seams between planes).",
+)
 @click.option(
     "--tile",
     type=click.IntRange(min=0),
@@ -93,6 +123,19 @@ from medsr.io.formats import OUTPUT_FORMATS
 )
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: the available cores).")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs (a batch otherwise skips them).")
+@click.option(
+    "--ray",
+    "ray_address",
+    metavar="ADDRESS",
+    help="Run the batch on a Ray cluster, one engine per worker (docs/scale-out.md): local starts one on this "
+    "machine, auto or HOST:PORT joins one; files must be on a filesystem every node sees. Needs medsr[ray].",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    help="With --ray: workers (default: as many as the cluster's GPUs, or CPUs / --threads, allow); "
+    "each uses --threads CPU threads (default 1 with --ray).",
+)
 @medsr_errors
 def infer(
     inputs,
@@ -111,14 +154,20 @@ def infer(
     batch_size,
     axis,
     frame,
+    through_plane,
+    through_plane_scale,
+    slice_thickness,
+    noise,
     tile,
     tile_overlap,
     max_memory,
     repair_nonfinite,
     threads,
     overwrite,
+    ray_address,
+    workers,
 ):
-    """Super-resolve INPUT in-plane by the model's scale factor.
+    """Super-resolve INPUT in-plane by the model's scale factor, or along the slice axis (--through-plane).
 
     INPUT is a .nii/.nii.gz volume, a DICOM series directory or file, or a PNG/TIFF image. Several INPUTs, a glob
     pattern or a directory of images make a batch: -o names the output directory, failures are reported and skipped,
@@ -127,7 +176,9 @@ def infer(
     from medsr.cli.jobs import InferSettings
     from medsr.cli.model import load_model
     from medsr.engine.pipeline import SamplingOptions
+    from medsr.engine.select import resolve_engine
     from medsr.engine.tiling import check_tile_options
+    from medsr.engine.volume import check_task_plane
     from medsr.errors import InputError, MedsrError
     from medsr.io.inputs import expand_inputs
     from medsr.io.limits import parse_size
@@ -137,6 +188,14 @@ def infer(
         raise InputError("--series chooses among one directory's series; a batch runs every series")
     if batch and output is None:
         raise InputError("a batch (several inputs, a pattern or a directory of images) needs -o OUTPUT_DIRECTORY")
+    if ray_address is not None and not batch:
+        raise InputError("--ray runs a batch: give several inputs, a pattern or a directory, and -o OUTPUT_DIRECTORY")
+    if workers is not None and ray_address is None:
+        raise InputError("--workers is the size of a --ray batch's worker pool; add --ray ADDRESS")
+    if not through_plane and (through_plane_scale is not None or slice_thickness is not None):
+        raise InputError("--through-plane-scale and --slice-thickness apply to --through-plane only")
+    if through_plane and model is None:
+        raise InputError("the bundled default model is in-plane; --through-plane needs --model a through-plane bundle")
     options = SamplingOptions(
         steps=steps,
         seed=seed,
@@ -144,25 +203,39 @@ def infer(
         consistency=consistency,
         tile_size=tile or None,
         tile_overlap=tile_overlap,
+        noise=noise,
     )
+    choice = resolve_engine(engine, device, precision)  # no model yet: a missing GPU engine fails fast
     settings = InferSettings(
         options=options,
         fmt=fmt,
         dtype=dtype,
         frame=frame,
         axis=axis,
-        engine=engine,
-        precision=precision,
+        engine=choice.engine,
+        precision=choice.precision,
+        engine_reason=choice.reason,
         max_bytes=parse_size(max_memory) if max_memory else None,
         repair_nonfinite=repair_nonfinite,
         overwrite=overwrite,
+        through_plane=through_plane,
+        through_plane_scale=through_plane_scale,
+        slice_thickness=slice_thickness,
     )
     bundle = load_model(model)
+    check_task_plane(bundle, through_plane)
     if options.tile_size is not None:
         check_tile_options(options.tile_size, tile_overlap, bundle.lr_multiple)
-    pipeline = functools.cache(lambda: _open_pipeline(bundle, engine, precision, device, sampler, threads))
+    pipeline = functools.cache(
+        lambda: _open_pipeline(bundle, choice.engine, choice.precision, device, sampler, threads)
+    )
     if batch:
-        failed = _run_batch(jobs, output, bundle, pipeline, settings)
+        ray = None
+        if ray_address is not None:
+            from medsr.engine.jobs import EngineOptions
+
+            ray = (ray_address, EngineOptions(choice.engine, choice.precision, device, sampler, threads), workers)
+        failed = _run_batch(jobs, output, bundle, pipeline, settings, ray)
         if failed:
             raise MedsrError(f"{failed} of {len(jobs)} input(s) failed; see {output / 'medsr_summary.json'}")
     else:
@@ -170,17 +243,13 @@ def infer(
 
 
 def _open_pipeline(bundle, engine, precision, device, sampler, threads):
-    """The bundle's pipeline on ``engine`` (sessions are opened only once an input has passed its checks)."""
-    from medsr.engine.pipeline import LatentSRPipeline
-    from medsr.engine.sessions import open_sessions
+    """The bundle's pipeline on ``engine`` (sessions are opened only once an input has passed its checks); the Ray
+    workers open theirs through the same EngineOptions."""
+    from medsr.engine.jobs import EngineOptions
 
     if engine == "torch":
         torch_reference()
-    scheduler_config = bundle.manifest.scheduler
-    if sampler:
-        scheduler_config = scheduler_config.with_sampler(sampler)
-    sessions = open_sessions(bundle, engine, device=device, threads=threads, precision=precision)
-    return LatentSRPipeline(bundle, sessions, scheduler_config)
+    return EngineOptions(engine, precision, device, sampler, threads).open(bundle)
 
 
 def _run_one(job, output, bundle, pipeline, settings) -> None:
@@ -191,11 +260,12 @@ def _run_one(job, output, bundle, pipeline, settings) -> None:
     prepared = prepare_job(job, output, bundle, settings)
     with tqdm(unit="slice", desc="super-resolving", disable=None) as bar:
         record = run_prepared(prepared, pipeline(), settings, progress=bar.update)
-    click.echo(f"{describe(record)}; engine {provenance_of(pipeline(), settings)['engine']}")
+    click.echo(f"{describe(record)}; engine {provenance_of(pipeline(), settings)['engine']} ({settings.engine_reason})")
 
 
-def _run_batch(jobs, outdir: Path, bundle, pipeline, settings) -> int:
-    """Run a batch into ``outdir`` (created if missing); return the number of failed inputs."""
+def _run_batch(jobs, outdir: Path, bundle, pipeline, settings, ray=None) -> int:
+    """Run a batch into ``outdir`` (created if missing), here or on Ray (``ray``: address, EngineOptions and
+    workers, medsr.serve.ray_batch); return the number of failed inputs."""
     from medsr.cli.jobs import SUMMARY_NAME, run_batch
     from medsr.errors import OutputError
 
@@ -205,11 +275,21 @@ def _run_batch(jobs, outdir: Path, bundle, pipeline, settings) -> int:
         outdir.mkdir(exist_ok=True)
     except OSError as exc:
         raise OutputError(f"{outdir}: cannot create the output directory: {exc.strerror or exc}") from exc
-    summary = run_batch(jobs, outdir, bundle, pipeline, settings, click.echo)
+    if ray is None:
+        summary = run_batch(jobs, outdir, bundle, pipeline, settings, click.echo)
+    else:
+        from tqdm import tqdm
+
+        from medsr.cli.jobs import batch_line
+        from medsr.serve.ray_batch import run_ray_batch
+
+        address, engine, workers = ray
+        echo = lambda record: tqdm.write(batch_line(record))  # lines above the bar over volumes
+        summary = run_ray_batch(jobs, outdir, bundle, settings, engine, address, workers, echo)
     counts = summary["counts"]
     click.echo(
         f"batch: {counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed; "
-        f"summary in {outdir / SUMMARY_NAME}"
+        f"summary in {outdir / SUMMARY_NAME}; engine {settings.engine} {settings.precision} ({settings.engine_reason})"
     )
     return counts["failed"]
 

@@ -1,184 +1,41 @@
-"""The jobs of ``medsr-infer``: read and check each input, decide its output, run the volume engine, write the result
-with its provenance; a batch runs every job, reports and skips failures, skips outputs that already exist (so a
-rerun resumes), and keeps a summary JSON current in the output directory. The model work is
-medsr.engine.volume's."""
+"""The batch of ``medsr-infer`` and its terminal lines: run every job, report and skip failures, skip outputs that
+already exist (so a rerun resumes), and keep a summary JSON current in the output directory.
+
+The job itself (read and check an input, decide its output, run the volume engine, write the result with its
+provenance) and the batch's bookkeeping live in medsr.engine.jobs, below the command line, where the Ray workers of
+medsr.serve.ray_batch run the same code; they are re-exported here.
+"""
 
 from __future__ import annotations
 
-import datetime
-import json
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
-from medsr.engine.pipeline import LatentSRPipeline, SamplingOptions
-from medsr.engine.volume import (
-    NetworkInput,
-    check_plane_size,
-    choose_slice_axis,
-    min_plane_side,
-    prepare_input,
-    super_resolve_volume,
-    window_percentiles,
+from medsr.engine.jobs import (
+    SUMMARY_NAME,
+    InferSettings,
+    PreparedJob,
+    new_summary,
+    plan_batch,
+    prepare_job,
+    provenance_of,
+    run_batch_job,
+    run_prepared,
+    write_summary,
 )
-from medsr.errors import InputError, MedsrError
-from medsr.io.image import Volume, flat
+from medsr.engine.pipeline import LatentSRPipeline
 
-SUMMARY_NAME = "medsr_summary.json"
-
-
-@dataclass(frozen=True)
-class InferSettings:
-    """What the command line asked for, shared by every job of a run.
-
-    ``fmt``: output format (None: from the output name, else the input's default); ``dtype``: a
-    medsr.io.dtypes.DTYPE_CHOICES entry; ``frame``: one frame of a 4D input; ``axis``: the slice axis (None: for
-    DICOM the acquisition plane, else the largest spacing); ``max_bytes``: the memory limit (None: the available
-    memory); ``engine`` and ``precision``: recorded in each output's provenance.
-    """
-
-    options: SamplingOptions = field(default_factory=SamplingOptions)
-    fmt: str | None = None
-    dtype: str = "auto"
-    frame: int | None = None
-    axis: int | None = None
-    max_bytes: int | None = None
-    repair_nonfinite: bool = False
-    overwrite: bool = False
-    engine: str = "ort"
-    precision: str = "fp32"
-
-
-@dataclass(frozen=True)
-class PreparedJob:
-    """A job whose input is read, checked and prepared for the network and whose output is decided: everything but
-    the model run."""
-
-    job: object
-    volume: Volume
-    image: NetworkInput
-    axis: int
-    fmt: str
-    dtype: np.dtype
-    output: Path
-
-
-def _memory_limit(settings: InferSettings, scale: int):
-    from medsr.io.limits import MemoryLimit, available_memory
-
-    if settings.max_bytes is not None:
-        return MemoryLimit(settings.max_bytes, scale, "--max-memory")
-    return MemoryLimit(available_memory(), scale, "the available memory; set --max-memory to change it")
-
-
-def _slice_axis(volume: Volume, requested: int | None, fmt: str) -> int:
-    """The slice axis for ``volume``: a 2D image's singleton axis, DICOM's acquisition plane, or the largest spacing."""
-    natural = choose_slice_axis(volume.zooms, volume.data.shape)
-    if volume.data.ndim == 3 and volume.data.shape.count(1) == 1:
-        if requested is not None and requested != natural:
-            raise InputError(f"{volume.path}: a 2D image of shape {volume.data.shape}: --axis must be {natural}")
-        return natural
-    if fmt == "dicom" and requested not in (None, 2):
-        raise InputError(f"{volume.path}: DICOM output keeps the acquired slices: --axis must be 2")
-    if requested is not None:
-        return requested
-    return 2 if volume.format == "dicom" else natural
-
-
-def prepare_job(job, output: Path | None, bundle, settings: InferSettings) -> PreparedJob:
-    """Read and check ``job.source``, prepare it for the network and decide its output (None: the default name in
-    the current directory).
-
-    Every bad input or output is refused here, before a model is loaded. Raises MedsrError naming the file.
-    """
-    from medsr.io.atomic import check_output_path
-    from medsr.io.dtypes import resolve_dtype
-    from medsr.io.formats import default_output_name, load_image, output_format, output_is_directory
-
-    if output is not None:
-        check_output_path(output, settings.overwrite, directory=output.is_dir())
-    volume = load_image(job.source, job.series, _memory_limit(settings, bundle.scale), settings.repair_nonfinite)
-    fmt = output_format(output, settings.fmt, volume)
-    dtype = resolve_dtype(settings.dtype, fmt, volume)
-    output = output or Path(default_output_name(volume, fmt, bundle.scale, job.stem))
-    check_output_path(output, settings.overwrite, directory=output_is_directory(fmt, volume))
-    prepared = prepare_input(volume, window_percentiles(bundle), settings.frame)
-    axis = _slice_axis(volume, settings.axis, fmt)
-    check_plane_size(prepared, axis, min_plane_side(bundle))
-    return PreparedJob(job, volume, prepared, axis, fmt, dtype, output)
-
-
-def provenance_of(pipeline: LatentSRPipeline, settings: InferSettings) -> dict:
-    """What every output records about medsr, the model and the run (NIfTI extension, DICOM derivation, summary)."""
-    import medsr
-
-    bundle, options = pipeline.bundle, settings.options
-    providers = ",".join(next(iter(pipeline.sessions.values())).providers)
-    return {
-        "medsr_version": medsr.__version__,
-        "model": bundle.name,
-        "scale": bundle.scale,
-        "weights": bundle.manifest.provenance.weights.to_dict(),
-        "engine": f"{settings.engine} {settings.precision} [{providers}]",
-        "sampler": pipeline.scheduler_config.algorithm,
-        "steps": options.steps or pipeline.scheduler_config.default_steps,
-        "seed": options.seed,
-        "consistency": options.consistency or bundle.manifest.task.consistency,
-        "tile_size": options.tile_size,
-        "tile_overlap": options.tile_overlap,
-    }
-
-
-def run_prepared(
-    prepared: PreparedJob,
-    pipeline: LatentSRPipeline,
-    settings: InferSettings,
-    progress: Callable[[int], None] | None = None,
-) -> dict:
-    """Super-resolve a prepared job and write its output; return its record for the user and the batch summary."""
-    from medsr.io.formats import save_image
-
-    started = time.perf_counter()
-    volume = prepared.volume
-    result = super_resolve_volume(prepared.image, volume.affine, pipeline, prepared.axis, settings.options, progress)
-    provenance = {
-        **provenance_of(pipeline, settings),
-        "input": volume.path.name,
-        "axis": prepared.axis,
-        "frame": settings.frame,
-        "intensity_window": result.window.to_dict(),
-        "date": _now(),
-    }
-    clipped_output = save_image(
-        prepared.output,
-        prepared.fmt,
-        result.data,
-        result.affine,
-        volume,
-        prepared.dtype,
-        provenance,
-        settings.overwrite,
-    )
-    return {
-        "input": str(prepared.job.source),
-        "series": prepared.job.series,
-        "output": str(prepared.output),
-        "status": "done",
-        "format": prepared.fmt,
-        "dtype": str(prepared.dtype),
-        "input_shape": list(prepared.image.data.shape),
-        "output_shape": list(result.data.shape),
-        "axis": prepared.axis,
-        "slices": result.slices,
-        "clipped_input_fraction": result.clipped_fraction,
-        "clipped_output_fraction": clipped_output,
-        "residual_median": float(np.median(result.residuals)),
-        "notes": list(volume.notes),
-        "seconds": round(time.perf_counter() - started, 3),
-    }
+__all__ = [
+    "SUMMARY_NAME",
+    "InferSettings",
+    "PreparedJob",
+    "batch_line",
+    "describe",
+    "prepare_job",
+    "provenance_of",
+    "run_batch",
+    "run_prepared",
+]
 
 
 def describe(record: dict) -> str:
@@ -194,6 +51,8 @@ def describe(record: dict) -> str:
     if record["clipped_output_fraction"]:
         text += f", {100 * record['clipped_output_fraction']:.2f}% of output voxels clipped to {record['dtype']}"
     text += f", consistency residual median {record['residual_median']:.2e}"
+    if "through_plane" in record:
+        text += f"; {record['through_plane']}"
     return text + "".join(f"; note: {note}" for note in record["notes"])
 
 
@@ -211,62 +70,20 @@ def run_batch(
     ``outdir/medsr_summary.json`` is rewritten (atomically) after every job, so an interrupted batch leaves a
     summary of what was finished. Returns the summary.
     """
-    from medsr.io.atomic import write_text_atomic
-
-    summary = {"medsr_version": _version(), "model": bundle.name, "started": _now()}
-    records, planned = [], {}
-    for job in jobs:
-        fmt = settings.fmt or job.default_format()
-        output = outdir / job.output_name(fmt, bundle.scale)
-        if output in planned:
-            output = outdir / job.output_name(fmt, bundle.scale, unique=True)
-        record = {"input": str(job.source), "series": job.series, "output": str(output)}
-        if output in planned:
-            message = f"{job.source}: output name {output.name} is also that of {planned[output]}"
-            record.update(status="failed", error=message)
-        elif output.exists() and not settings.overwrite:
-            record.update(status="skipped", reason="output exists")
-        else:
-            record = _run_job(job, output, bundle, open_pipeline, settings, record)
-        planned[output] = job.source
+    summary = new_summary(bundle)
+    records = []
+    for job, output, record in plan_batch(jobs, outdir, bundle, settings):
+        if "status" not in record:
+            record = run_batch_job(job, output, bundle, open_pipeline, settings, record)
         records.append(record)
-        echo(_batch_line(record))
-        summary.update(items=records, counts=_counts(records))
-        write_text_atomic(outdir / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
-    summary["finished"] = _now()
-    write_text_atomic(outdir / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
+        echo(batch_line(record))
+        write_summary(outdir, summary, records)
+    write_summary(outdir, summary, records, finished=True)
     return summary
 
 
-def _version() -> str:
-    import medsr
-
-    return medsr.__version__
-
-
-def _now() -> str:
-    return datetime.datetime.now().isoformat(timespec="seconds")
-
-
-def _run_job(job, output: Path, bundle, open_pipeline, settings: InferSettings, record: dict) -> dict:
-    """One batch job; a failure becomes the record's error instead of stopping the batch."""
-    try:
-        return run_prepared(prepare_job(job, output, bundle, settings), open_pipeline(), settings)
-    except MedsrError as exc:
-        return {**record, "status": "failed", "error": str(exc)}
-    except Exception as exc:  # noqa: BLE001 - a bug must not stop the other jobs; it is reported as one
-        return {
-            **record,
-            "status": "failed",
-            "error": f"{job.source}: unexpected error (a medsr bug): {type(exc).__name__}: {flat(exc)}",
-        }
-
-
-def _counts(records: list[dict]) -> dict:
-    return {status: sum(r["status"] == status for r in records) for status in ("done", "skipped", "failed")}
-
-
-def _batch_line(record: dict) -> str:
+def batch_line(record: dict) -> str:
+    """One line about a job of a batch, for the terminal."""
     if record["status"] == "done":
         return describe(record)
     if record["status"] == "skipped":

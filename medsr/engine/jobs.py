@@ -1,0 +1,314 @@
+"""The job of ``medsr-infer`` below the command line: read and check one input, decide its output, run the volume
+engine, write the result atomically with its provenance, and the batch's bookkeeping (output names planned once for
+the whole batch, existing outputs skipped so a rerun resumes, a summary JSON kept current in the output directory).
+
+The batch of medsr.cli.jobs and the Ray workers of medsr.serve.ray_batch both run each job through
+:func:`run_batch_job`, so a batch gives the same files and the same records whichever runs it. The model work is
+medsr.engine.volume's.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from medsr.engine.pipeline import LatentSRPipeline, SamplingOptions
+from medsr.engine.volume import (
+    NetworkInput,
+    ThroughPlanePlan,
+    check_plane_size,
+    choose_slice_axis,
+    min_plane_side,
+    plan_through_plane,
+    prepare_input,
+    super_resolve_through_plane,
+    super_resolve_volume,
+    window_percentiles,
+)
+from medsr.errors import InputError, MedsrError
+from medsr.io.image import Volume, flat
+
+#: The batch summary's file name in the output directory.
+SUMMARY_NAME = "medsr_summary.json"
+
+
+@dataclass(frozen=True)
+class InferSettings:
+    """What the command line asked for, shared by every job of a run.
+
+    ``fmt``: output format (None: from the output name, else the input's default); ``dtype``: a
+    medsr.io.dtypes.DTYPE_CHOICES entry; ``frame``: one frame of a 4D input; ``axis``: the slice axis (None: for
+    DICOM the acquisition plane, else the largest spacing); ``max_bytes``: the memory limit (None: the available
+    memory); ``engine`` and ``precision`` (what runs: ``--engine auto`` resolved by
+    medsr.engine.select.resolve_engine) and ``engine_reason`` (why): recorded in each output's provenance.
+    ``through_plane``: upsample along the slice axis with a through-plane model (medsr.engine.volume), by
+    ``through_plane_scale`` (None: from the spacings) with slices ``slice_thickness`` mm thick (None: DICOM
+    SliceThickness, else the slice spacing).
+    """
+
+    options: SamplingOptions = field(default_factory=SamplingOptions)
+    fmt: str | None = None
+    dtype: str = "auto"
+    frame: int | None = None
+    axis: int | None = None
+    max_bytes: int | None = None
+    repair_nonfinite: bool = False
+    overwrite: bool = False
+    engine: str = "ort"
+    precision: str = "fp32"
+    engine_reason: str = ""
+    through_plane: bool = False
+    through_plane_scale: int | None = None
+    slice_thickness: float | None = None
+
+
+@dataclass(frozen=True)
+class PreparedJob:
+    """A job whose input is read, checked and prepared for the network and whose output is decided: everything but
+    the model run. ``plan``: the through-plane run (None: in-plane)."""
+
+    job: object
+    volume: Volume
+    image: NetworkInput
+    axis: int
+    fmt: str
+    dtype: np.dtype
+    output: Path
+    plan: ThroughPlanePlan | None = None
+
+
+def _memory_limit(settings: InferSettings, scale: int):
+    from medsr.io.limits import MemoryLimit, available_memory
+
+    if settings.max_bytes is not None:
+        return MemoryLimit(settings.max_bytes, scale, "--max-memory")
+    return MemoryLimit(available_memory(), scale, "the available memory; set --max-memory to change it")
+
+
+def _slice_axis(volume: Volume, requested: int | None, fmt: str) -> int:
+    """The slice axis for ``volume``: a 2D image's singleton axis, DICOM's acquisition plane, or the largest spacing."""
+    natural = choose_slice_axis(volume.zooms, volume.data.shape)
+    if volume.data.ndim == 3 and volume.data.shape.count(1) == 1:
+        if requested is not None and requested != natural:
+            raise InputError(f"{volume.path}: a 2D image of shape {volume.data.shape}: --axis must be {natural}")
+        return natural
+    if fmt == "dicom" and requested not in (None, 2):
+        raise InputError(f"{volume.path}: DICOM output keeps the acquired slices: --axis must be 2")
+    if requested is not None:
+        return requested
+    return 2 if volume.format == "dicom" else natural
+
+
+def prepare_job(job, output: Path | None, bundle, settings: InferSettings) -> PreparedJob:
+    """Read and check ``job.source``, prepare it for the network and decide its output (None: the default name in
+    the current directory).
+
+    Every bad input or output is refused here, before a model is loaded. Raises MedsrError naming the file.
+    """
+    from medsr.io.atomic import check_output_path
+    from medsr.io.dtypes import resolve_dtype
+    from medsr.io.formats import default_output_name, load_image, output_format, output_is_directory
+
+    if output is not None:
+        check_output_path(output, settings.overwrite, directory=output.is_dir())
+    volume = load_image(job.source, job.series, _memory_limit(settings, bundle.scale), settings.repair_nonfinite)
+    fmt = output_format(output, settings.fmt, volume)
+    dtype = resolve_dtype(settings.dtype, fmt, volume)
+    output = output or Path(default_output_name(volume, fmt, bundle.scale, job.stem))
+    check_output_path(output, settings.overwrite, directory=output_is_directory(fmt, volume))
+    prepared = prepare_input(volume, window_percentiles(bundle), settings.frame)
+    if settings.through_plane:
+        if fmt == "dicom":
+            raise InputError(
+                f"{volume.path}: --through-plane makes new slices, but DICOM output keeps the acquired ones; "
+                "write NIfTI (--format nifti)"
+            )
+        plan = plan_through_plane(volume, bundle, settings.axis, settings.through_plane_scale, settings.slice_thickness)
+        return PreparedJob(job, volume, prepared, plan.axis, fmt, dtype, output, plan)
+    axis = _slice_axis(volume, settings.axis, fmt)
+    check_plane_size(prepared, axis, min_plane_side(bundle))
+    return PreparedJob(job, volume, prepared, axis, fmt, dtype, output)
+
+
+def provenance_of(pipeline: LatentSRPipeline, settings: InferSettings) -> dict:
+    """What every output records about medsr, the model and the run (NIfTI extension, DICOM derivation, summary)."""
+    import medsr
+
+    bundle, options = pipeline.bundle, settings.options
+    providers = ",".join(next(iter(pipeline.sessions.values())).providers)
+    return {
+        "medsr_version": medsr.__version__,
+        "model": bundle.name,
+        "scale": bundle.scale,
+        "weights": bundle.manifest.provenance.weights.to_dict(),
+        "engine": f"{settings.engine} {settings.precision} [{providers}]",
+        "engine_reason": settings.engine_reason,
+        "sampler": pipeline.scheduler_config.algorithm,
+        "steps": options.steps or pipeline.scheduler_config.default_steps,
+        "seed": options.seed,
+        "consistency": options.consistency or bundle.manifest.task.consistency,
+        "tile_size": options.tile_size,
+        "tile_overlap": options.tile_overlap,
+        "noise": options.noise,
+    }
+
+
+def run_prepared(
+    prepared: PreparedJob,
+    pipeline: LatentSRPipeline,
+    settings: InferSettings,
+    progress: Callable[[int], None] | None = None,
+) -> dict:
+    """Super-resolve a prepared job and write its output; return its record for the user and the batch summary."""
+    from medsr.io.formats import save_image
+
+    started = time.perf_counter()
+    volume = prepared.volume
+    plan = prepared.plan
+    if plan is None:
+        result = super_resolve_volume(
+            prepared.image, volume.affine, pipeline, prepared.axis, settings.options, progress
+        )
+    else:
+        result = super_resolve_through_plane(prepared.image, volume.affine, pipeline, plan, settings.options, progress)
+    provenance = {
+        **provenance_of(pipeline, settings),
+        "input": volume.path.name,
+        "axis": prepared.axis,
+        "frame": settings.frame,
+        "intensity_window": result.window.to_dict(),
+        "date": _now(),
+        **({} if plan is None else {"through_plane": plan.to_dict()}),
+    }
+    clipped_output = save_image(
+        prepared.output,
+        prepared.fmt,
+        result.data,
+        result.affine,
+        volume,
+        prepared.dtype,
+        provenance,
+        settings.overwrite,
+    )
+    return {
+        "input": str(prepared.job.source),
+        "series": prepared.job.series,
+        "output": str(prepared.output),
+        "status": "done",
+        "format": prepared.fmt,
+        "dtype": str(prepared.dtype),
+        "input_shape": list(prepared.image.data.shape),
+        "output_shape": list(result.data.shape),
+        "axis": prepared.axis,
+        "slices": result.slices,
+        "clipped_input_fraction": result.clipped_fraction,
+        "clipped_output_fraction": clipped_output,
+        "residual_median": float(np.median(result.residuals)),
+        "notes": list(volume.notes),
+        "seconds": round(time.perf_counter() - started, 3),
+        **({} if plan is None else {"through_plane": plan.describe()}),
+    }
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """The engine a run's pipeline opens on: ``engine`` (medsr.engine.sessions.ENGINES), its ``precision``,
+    ``device`` (cpu or cuda), ``sampler`` (None: the bundle's) and CPU ``threads`` (None: the available cores)."""
+
+    engine: str = "ort"
+    precision: str = "fp32"
+    device: str = "cpu"
+    sampler: str | None = None
+    threads: int | None = None
+
+    def open(self, bundle) -> LatentSRPipeline:
+        """The bundle's pipeline on this engine. ``torch`` needs medsr.export.reference imported first (the
+        command-line layer does it; the engine never imports the PyTorch side)."""
+        from medsr.engine.sessions import open_sessions
+
+        scheduler_config = bundle.manifest.scheduler
+        if self.sampler:
+            scheduler_config = scheduler_config.with_sampler(self.sampler)
+        sessions = open_sessions(
+            bundle, self.engine, device=self.device, threads=self.threads, precision=self.precision
+        )
+        return LatentSRPipeline(bundle, sessions, scheduler_config)
+
+
+def run_job(job, output: Path, bundle, open_pipeline, settings: InferSettings, record: dict) -> dict:
+    """One batch job; a failure becomes the record's error instead of stopping the batch."""
+    try:
+        return run_prepared(prepare_job(job, output, bundle, settings), open_pipeline(), settings)
+    except MedsrError as exc:
+        return {**record, "status": "failed", "error": str(exc)}
+    except Exception as exc:  # noqa: BLE001 - a bug must not stop the other jobs; it is reported as one
+        return {
+            **record,
+            "status": "failed",
+            "error": f"{job.source}: unexpected error (a medsr bug): {type(exc).__name__}: {flat(exc)}",
+        }
+
+
+def plan_batch(jobs: list, outdir: Path, bundle, settings: InferSettings) -> list[tuple[object, Path, dict]]:
+    """(job, output, record) for every job of a batch into ``outdir``, in order, without touching any file.
+
+    A job whose output name another job already took gets its unique name; if that too is taken, its record is
+    already final (``status`` failed). Every other record holds input, series and output only, for
+    :func:`run_batch_job`.
+    """
+    planned, plan = {}, []
+    for job in jobs:
+        fmt = settings.fmt or job.default_format()
+        output = outdir / job.output_name(fmt, bundle.scale)
+        if output in planned:
+            output = outdir / job.output_name(fmt, bundle.scale, unique=True)
+        record = {"input": str(job.source), "series": job.series, "output": str(output)}
+        if output in planned:
+            message = f"{job.source}: output name {output.name} is also that of {planned[output]}"
+            record.update(status="failed", error=message)
+        planned[output] = job.source
+        plan.append((job, output, record))
+    return plan
+
+
+def run_batch_job(job, output: Path, bundle, open_pipeline, settings: InferSettings, record: dict) -> dict:
+    """A planned job (:func:`plan_batch`): skipped when its output exists (unless overwriting), else run."""
+    if output.exists() and not settings.overwrite:
+        return {**record, "status": "skipped", "reason": "output exists"}
+    return run_job(job, output, bundle, open_pipeline, settings, record)
+
+
+def new_summary(bundle) -> dict:
+    """The head of a batch summary, as a batch starts."""
+    return {"medsr_version": _version(), "model": bundle.name, "started": _now()}
+
+
+def write_summary(outdir: Path, summary: dict, records: list[dict], finished: bool = False) -> None:
+    """Rewrite ``outdir/medsr_summary.json`` (atomically) with ``records`` and their counts; ``finished`` stamps
+    the end of the batch."""
+    from medsr.io.atomic import write_text_atomic
+
+    summary.update(items=records, counts=count_records(records))
+    if finished:
+        summary["finished"] = _now()
+    write_text_atomic(outdir / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
+
+
+def count_records(records: list[dict]) -> dict:
+    return {status: sum(r["status"] == status for r in records) for status in ("done", "skipped", "failed")}
+
+
+def _version() -> str:
+    import medsr
+
+    return medsr.__version__
+
+
+def _now() -> str:
+    return datetime.datetime.now().isoformat(timespec="seconds")
