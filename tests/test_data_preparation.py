@@ -16,8 +16,8 @@ from PIL import Image
 pytest.importorskip("torch")
 
 from medsr.bundle import load_bundle
-from medsr.cli.jobs import InferSettings, prepare_job
 from medsr.cli.train import _setup
+from medsr.engine.jobs import InferSettings, prepare_job
 from medsr.engine.pipeline import SRResult
 from medsr.engine.volume import super_resolve_volume, window_percentiles
 from medsr.eval.slices import eval_sources, load_eval_slices

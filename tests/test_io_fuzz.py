@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from io_fixtures import ct5n_dir, smooth_image, write_nifti
 
-from medsr.cli.jobs import InferSettings, prepare_job
+from medsr.engine.jobs import InferSettings, prepare_job
 from medsr.errors import InputError, MedsrError
 from medsr.io.dicom import load_dicom
 from medsr.io.inputs import Job

@@ -173,8 +173,8 @@ def infer(
     pattern or a directory of images make a batch: -o names the output directory, failures are reported and skipped,
     existing outputs are skipped, and OUTPUT/medsr_summary.json records every input.
     """
-    from medsr.cli.jobs import InferSettings
     from medsr.cli.model import load_model
+    from medsr.engine.jobs import InferSettings
     from medsr.engine.pipeline import SamplingOptions
     from medsr.engine.select import resolve_engine
     from medsr.engine.tiling import check_tile_options
@@ -255,7 +255,8 @@ def _open_pipeline(bundle, engine, precision, device, sampler, threads):
 def _run_one(job, output, bundle, pipeline, settings) -> None:
     from tqdm import tqdm
 
-    from medsr.cli.jobs import describe, prepare_job, provenance_of, run_prepared
+    from medsr.cli.jobs import describe
+    from medsr.engine.jobs import prepare_job, provenance_of, run_prepared
 
     prepared = prepare_job(job, output, bundle, settings)
     with tqdm(unit="slice", desc="super-resolving", disable=None) as bar:
@@ -266,7 +267,8 @@ def _run_one(job, output, bundle, pipeline, settings) -> None:
 def _run_batch(jobs, outdir: Path, bundle, pipeline, settings, ray=None) -> int:
     """Run a batch into ``outdir`` (created if missing), here or on Ray (``ray``: address, EngineOptions and
     workers, medsr.serve.ray_batch); return the number of failed inputs."""
-    from medsr.cli.jobs import SUMMARY_NAME, run_batch
+    from medsr.cli.jobs import run_batch
+    from medsr.engine.jobs import SUMMARY_NAME
     from medsr.errors import OutputError
 
     if outdir.exists() and not outdir.is_dir():

@@ -3,7 +3,7 @@ already exist (so a rerun resumes), and keep a summary JSON current in the outpu
 
 The job itself (read and check an input, decide its output, run the volume engine, write the result with its
 provenance) and the batch's bookkeeping live in medsr.engine.jobs, below the command line, where the Ray workers of
-medsr.serve.ray_batch run the same code; they are re-exported here.
+medsr.serve.ray_batch run the same code.
 """
 
 from __future__ import annotations
@@ -12,30 +12,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from medsr.engine.jobs import (
-    SUMMARY_NAME,
     InferSettings,
-    PreparedJob,
     new_summary,
     plan_batch,
-    prepare_job,
-    provenance_of,
     run_batch_job,
-    run_prepared,
     write_summary,
 )
 from medsr.engine.pipeline import LatentSRPipeline
-
-__all__ = [
-    "SUMMARY_NAME",
-    "InferSettings",
-    "PreparedJob",
-    "batch_line",
-    "describe",
-    "prepare_job",
-    "provenance_of",
-    "run_batch",
-    "run_prepared",
-]
 
 
 def describe(record: dict) -> str:
