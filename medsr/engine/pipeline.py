@@ -150,7 +150,8 @@ class LatentSRPipeline:
             stop = min(start + options.batch_size, lr.shape[0])
             indices = [first_index + i for i in range(start, stop)]
             batch = lr[start:stop].astype(np.float32)
-            sr = self._super_resolve_batch(np.clip(batch, -1.0, 1.0), indices, options, trace, stack)
+            rngs = options.generators(indices, stack)
+            sr = self.run_batch(np.clip(batch, -1.0, 1.0), rngs, indices, options.steps, options.lr_latent, trace)
             out[start:stop] = self.enforce_consistency(sr, batch, consistency)
             if progress is not None:
                 progress(len(indices))
@@ -174,17 +175,26 @@ class LatentSRPipeline:
         """Data consistency of (B, f_H*h, f_W*w) SR slices with their (B, h, w) LR slices (see SamplingOptions)."""
         return apply_consistency(sr, lr, mode, self.degradation)
 
-    def _super_resolve_batch(
-        self, lr: np.ndarray, indices: list[int], options: SamplingOptions, trace: Trace | None, stack: int = 0
+    def run_batch(
+        self,
+        lr: np.ndarray,
+        rngs: list[np.random.Generator],
+        indices: list[int],
+        steps: int | None = None,
+        lr_latent: str | None = None,
+        trace: Trace | None = None,
     ) -> np.ndarray:
+        """One batch of LR slices (B, h, w), already clipped to [-1, 1], through encoder, denoising loop and decoder:
+        (B, f_H*h, f_W*w) float32 before data consistency. Slice b draws all its noise from ``rngs[b]`` and is traced
+        as ``indices[b]``; ``super_resolve`` passes the generators of `SamplingOptions.generators`, a server the
+        generators of each request's own (seed, index)."""
         (f_h, f_w), channels = self.bundle.factors, self.bundle.image_channels
         height, width = lr.shape[-2:]
         padded = pad_to_multiple(lr, self.bundle.lr_multiple)
         image = np.repeat(self.conditioning.image(padded, self.bundle.scale)[:, None], channels, axis=1)
-        rngs = options.generators(indices, stack)
-        z_lr = self.encode(image, rngs, options.lr_latent or self.bundle.manifest.vae.lr_latent)
+        z_lr = self.encode(image, rngs, lr_latent or self.bundle.manifest.vae.lr_latent)
         _emit(trace, "lr_latent", indices, z_lr)
-        latent = self.denoise(z_lr, rngs, options.steps, indices, trace)
+        latent = self.denoise(z_lr, rngs, steps, indices, trace)
         _emit(trace, "final_latent", indices, latent)
         decoded = self.decode(latent)
         _emit(trace, "decoded_image", indices, decoded)

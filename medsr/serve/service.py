@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from medsr.degrade import CONSISTENCY_MODES, check_consistency, consistency_residual
-from medsr.engine.pipeline import LatentSRPipeline, SamplingOptions, pad_to_multiple
+from medsr.engine.pipeline import LatentSRPipeline, SamplingOptions
 from medsr.engine.volume import min_plane_side, window_percentiles
 from medsr.errors import InputError, MedsrError
 from medsr.io.normalize import IntensityWindow, denormalize, fit_window, normalize
@@ -189,7 +189,10 @@ class PlaneService:
         else:
             seeds = [(request.seed, request.first_index + i) for request in group for i in range(len(request.lr))]
             stacked = np.concatenate(lrs)
-            whole = self._super_resolve_batch(stacked, seeds, first.steps, first.consistency)
+            rngs = [np.random.default_rng(list(seed)) for seed in seeds]
+            clipped = np.clip(stacked, -1.0, 1.0).astype(np.float32)
+            sr = self.pipeline.run_batch(clipped, rngs, [index for _, index in seeds], first.steps)
+            whole = self.pipeline.enforce_consistency(sr, stacked, first.consistency).astype(np.float32)
             srs = np.split(whole, np.cumsum([len(lr) for lr in lrs])[:-1])
         responses = []
         for lr, sr, window in zip(lrs, srs, windows):
@@ -206,22 +209,6 @@ class PlaneService:
             tile_size=self.tile_size,
             tile_overlap=self.tile_overlap,
         )
-
-    def _super_resolve_batch(self, lr: np.ndarray, seeds: list[tuple[int, int]], steps, consistency) -> np.ndarray:
-        """LatentSRPipeline.super_resolve's batch step for planes that carry their own (seed, index): the same
-        stages through the pipeline's public methods, the same generators np.random.default_rng([seed, index])."""
-        pipeline, bundle = self.pipeline, self.bundle
-        scale, channels = bundle.scale, bundle.image_channels
-        height, width = lr.shape[-2:]
-        clipped = np.clip(lr, -1.0, 1.0).astype(np.float32)
-        image = np.repeat(
-            pipeline.conditioning.image(pad_to_multiple(clipped, bundle.lr_multiple), scale)[:, None], channels, axis=1
-        )
-        rngs = [np.random.default_rng(list(seed)) for seed in seeds]
-        z_lr = pipeline.encode(image, rngs, bundle.manifest.vae.lr_latent)
-        latent = pipeline.denoise(z_lr, rngs, steps, [index for _, index in seeds])
-        sr = pipeline.decode(latent).mean(axis=1)[:, : height * scale, : width * scale]
-        return pipeline.enforce_consistency(sr, lr, consistency).astype(np.float32)
 
 
 def open_service(
