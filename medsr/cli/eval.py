@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import click
@@ -193,6 +194,11 @@ def fidelity(
     from medsr.eval.slices import eval_sources, load_eval_slices, spread
 
     bundle = load_model(model)
+    if bundle.plane != "in-plane":
+        raise InputError(
+            f"{bundle.root}: model {bundle.name!r} is {bundle.plane} (task.plane); fidelity measures in-plane "
+            "models slice by slice, medsr-eval through-plane measures this one on thick-slice volumes"
+        )
     choice = resolve_engine(engine, device)
     if scale is not None and scale != bundle.scale:
         raise InputError(f"--scale {scale}, but the model {bundle.root} super-resolves x{bundle.scale}")
@@ -237,6 +243,184 @@ def fidelity(
     click.echo(f"wrote {output}: {len(slices)} images x {len(settings.configs)} configurations")
     providers = ",".join(next(iter(sessions.values())).providers)
     click.echo(f"engine {choice.engine} {choice.precision} [{providers}] ({choice.reason})")
+
+
+TORCH_FREE_ENGINES = tuple(e for e in ENGINE_CHOICES if e != "torch")
+
+
+@cli.command("through-plane")
+@click.option(
+    "--model",
+    type=click.Path(path_type=Path),
+    help="A through-plane bundle (task.plane) to measure; without it only the baselines (and ECLARE) run.",
+)
+@click.option(
+    "--data",
+    multiple=True,
+    default=("colin27-slab",),
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Isotropic NIfTI volumes or default-split source names (colin27-slab, ...); repeatable.",
+)
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path, file_okay=False), help="Output dir.")
+@click.option(
+    "--factor",
+    "factors",
+    multiple=True,
+    type=click.IntRange(2, 6),
+    help="Slice spacing in HR voxels; repeatable (default: the model's factor, else 4).",
+)
+@click.option("--profile", type=click.Choice(["gaussian", "box"]), default="gaussian", show_default=True)
+@click.option(
+    "--fwhm", type=click.FloatRange(min=0, min_open=True), help="Slice thickness in HR voxels (default: the factor)."
+)
+@click.option("--axis", type=click.IntRange(0, 2), default=2, show_default=True, help="Slice axis of the volumes.")
+@click.option(
+    "--baselines",
+    callback=_comma_list,
+    default="linear,bspline,sinc",
+    show_default=True,
+    help="Comma-separated slice-axis baselines, or 'none'.",
+)
+@click.option(
+    "--eclare/--no-eclare",
+    default=None,
+    help="Run ECLARE (run-eclare) as a peer; default: when it is on PATH.",
+)
+@click.option("--eclare-args", default="", help="Extra arguments of run-eclare (quoted).")
+@click.option("--name", help="Name of the model's configuration (default: the bundle's name).")
+@click.option("--engine", type=click.Choice(TORCH_FREE_ENGINES), default="auto", show_default=True, help=ENGINE_HELP)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), help="Sampler steps (default: the bundle's).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--noise", type=click.Choice(["per-plane", "shared"]), default="per-plane", show_default=True)
+@click.option(
+    "--consistency",
+    type=click.Choice(["none", "project", "backproject"]),
+    help="Data consistency of the model (default: the bundle's).",
+)
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: the available cores).")
+@click.option("--no-figures", is_flag=True, help="Skip the PNG panels and continuity plots.")
+@click.option("--overwrite", is_flag=True, help="Replace existing output files.")
+@medsr_errors
+def through_plane(
+    model,
+    data,
+    output,
+    factors,
+    profile,
+    fwhm,
+    axis,
+    baselines,
+    eclare,
+    eclare_args,
+    name,
+    engine,
+    device,
+    steps,
+    seed,
+    batch_size,
+    noise,
+    consistency,
+    threads,
+    no_figures,
+    overwrite,
+):
+    """Simulate thick slices from isotropic volumes and make them isotropic again: a through-plane model (same
+    volume core as medsr-infer --through-plane), linear, cubic B-spline and sinc along the slice axis, and ECLARE
+    when installed; PSNR and SSIM over the volume, the foreground and each orientation, continuity, seconds."""
+    from medsr.eval import thick_slices as ts
+    from medsr.eval import thick_slices_report as report
+
+    runner, context = None, {"model": None}
+    baselines = () if baselines == ("none",) else tuple(baselines)
+    if model is not None:
+        from medsr.cli.model import load_model
+        from medsr.engine.volume import check_task_plane
+
+        bundle = load_model(model)
+        check_task_plane(bundle, through_plane=True)
+        factors = factors or (bundle.scale,)
+    settings = ts.ThickSliceSettings(
+        factors=tuple(factors or (4,)),
+        profile=profile,
+        fwhm=fwhm,
+        axis=axis,
+        baselines=baselines,
+        eclare=eclare,
+        eclare_args=eclare_args,
+    )
+    if model is not None:
+        degradation = bundle.manifest.task.degradation
+        ts.check_model_factors(name or bundle.name, bundle.scale, settings)
+    volumes = ts.load_truth_volumes([str(d) for d in data])
+    names = [v.name for v in volumes]
+    planned = None
+    if model is not None:
+        planned = ts.ModelRunner(name or bundle.name, bundle.scale, None, {}, ts.plan_check(bundle))
+    ts.check_runs(volumes, settings, planned)
+    report.prepare_output_dir(output, names, list(settings.factors), overwrite, figures=not no_figures)
+    notes = [ts.eclare_note(settings)]
+    if model is not None:
+        from medsr.engine.jobs import EngineOptions
+        from medsr.engine.pipeline import SamplingOptions
+        from medsr.engine.select import resolve_engine
+
+        choice = resolve_engine(engine, device)
+        engine_options = EngineOptions(engine=choice.engine, precision=choice.precision, device=device, threads=threads)
+        pipeline = engine_options.open(bundle)
+        options = SamplingOptions(steps=steps, seed=seed, batch_size=batch_size, consistency=consistency, noise=noise)
+        providers = ",".join(next(iter(pipeline.sessions.values())).providers)
+        described = {
+            "model": bundle.name,
+            "bundle": str(bundle.root),
+            "scale": bundle.scale,
+            "degradation": degradation.to_dict(),
+            "weights": bundle.manifest.provenance.weights.to_dict(),
+            "engine": f"{choice.engine} {choice.precision} [{providers}]",
+            "engine_reason": choice.reason,
+            "steps": steps or pipeline.scheduler_config.default_steps,
+            "seed": seed,
+            "noise": noise,
+            "consistency": consistency or bundle.manifest.task.consistency,
+        }
+        runner = ts.through_plane_runner(pipeline, options, name or bundle.name, described)
+        context["model"] = described
+        if degradation.profile != profile or not math.isclose(degradation.fwhm, settings.fwhm_at(bundle.scale)):
+            notes.append(
+                f"the model was made for a {degradation.profile} profile of FWHM {degradation.fwhm:g} HR voxels; "
+                f"the slices here are {profile} of FWHM {settings.fwhm_at(bundle.scale):g} (its consistency "
+                "projects with its own profile)"
+            )
+    else:
+        notes.append("no --model: the baselines alone")
+    runs = []
+    for volume in volumes:
+        for factor in settings.factors:
+            run = ts.run_factor(volume, factor, settings, runner)
+            runs.append(run)
+            click.echo(
+                f"{volume.name} x{factor}: "
+                + ", ".join(
+                    f"{m} {row['volume']['psnr_fg']:.2f} dB fg ({run.seconds[m]:.2f} s)"
+                    for m, row in run.metrics.items()
+                )
+            )
+    settings_dict = {
+        "factors": list(settings.factors),
+        "profile": settings.profile,
+        "fwhm": settings.fwhm,
+        "axis": settings.axis,
+        "baselines": list(settings.baselines),
+        "data": {v.name: str(v.path) for v in volumes},
+    }
+    affines = {v.name: v.affine for v in volumes}
+    report.write_report(output, runs, settings_dict, context, notes, affines, not no_figures, overwrite)
+    click.echo(report.markdown_table(runs))
+    for note in notes:
+        click.echo(note)
+    click.echo(f"wrote {output}: {len(volumes)} volume(s) x {len(settings.factors)} factor(s)")
 
 
 @cli.command()
