@@ -59,7 +59,7 @@ else
 fi
 
 echo "== GPU tests"
-$PY -m pytest -q -p no:cacheprovider tests/test_trt_gpu.py tests/test_trt.py 2>&1 | tail -15 | tee "$OUT_DIR/gpu-tests.txt"
+$PY -m pytest -q -p no:cacheprovider tests/test_trt_gpu.py tests/test_trt_gpu_padding.py tests/test_trt.py 2>&1 | tail -15 | tee "$OUT_DIR/gpu-tests.txt"
 
 echo "== benchmark: ${ENGINES[*]}"
 $PY -c "from medsr.cli.bench import main; main()" --device cuda \

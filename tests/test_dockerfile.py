@@ -1,5 +1,7 @@
 """What can be checked of the Dockerfile without docker: a CUDA + TensorRT base, sources that exist, packages that
-match the gpu extra, a console script as entry point, a non-root user and a writable engine cache."""
+match the gpu-cu12 extra (one CUDA major in the image, the base image's), a build-time check of the whole GPU chain,
+the drivers it needs said, a console script as entry point, a non-root user and a writable engine cache; and that
+each gpu extra pairs packages of one CUDA major."""
 
 from __future__ import annotations
 
@@ -39,15 +41,87 @@ def test_copied_sources_exist():
             assert (ROOT / source).exists(), source
 
 
-def test_installed_packages_are_the_gpu_extra_and_core_without_cpu_onnxruntime():
+def _requirements(run: str) -> dict[str, str]:
+    """{package: version specifier} of the quoted requirements of ``run``."""
+    found = re.findall(r'"([A-Za-z0-9_.-]+)(\[[^\]]*\])?([<>=!~][^"]*)"', run)
+    return {name: spec for name, _, spec in found}
+
+
+def _extra(name: str) -> dict[str, str]:
+    """{package: version specifier} of a pyproject extra (its own extras in brackets dropped)."""
+    return {
+        match[0]: match[2]
+        for dep in pyproject()["project"]["optional-dependencies"][name]
+        for match in [re.fullmatch(r"([A-Za-z0-9_.-]+)(\[[^\]]*\])?(.*)", dep).groups()]
+    }
+
+
+def test_installed_packages_are_the_gpu_cu12_extra_and_core_without_cpu_onnxruntime():
+    """The image is CUDA 12 (TensorRT 25.01: CUDA 12.8), so its GPU packages are the gpu-cu12 extra's, with the
+    same version bounds; its own tensorrt (10.8, CUDA 12) stands for tensorrt-cu12."""
     run = " ".join(args for kind, args in instructions() if kind == "RUN")
-    requirements = set(re.findall(r'"([A-Za-z0-9_.-]+[<>=!~][^"]*)"', run))
-    names = {re.split(r"[<>=!~]", req)[0] for req in requirements}
+    requirements = _requirements(run)
     project = pyproject()["project"]
     core = {re.split(r"[<>=!~]", dep)[0] for dep in project["dependencies"]}
-    gpu = {re.split(r"[<>=!~]", dep)[0] for dep in project["optional-dependencies"]["gpu"]}
-    assert names == (core - {"onnxruntime"}) | (gpu - {"tensorrt"}), names  # tensorrt comes with the base image
+    gpu = _extra("gpu-cu12")
+    assert set(requirements) == (core - {"onnxruntime"}) | (set(gpu) - {"tensorrt-cu12"}), requirements
+    assert {name: requirements[name] for name in gpu if name in requirements} == {
+        name: spec for name, spec in gpu.items() if name != "tensorrt-cu12"
+    }
     assert "pip install --no-deps ." in run
+
+
+def _release(image: str) -> tuple[int, int]:
+    year, month = image.rsplit(":", 1)[1].split("-")[0].split(".")
+    return int(year), int(month)
+
+
+def test_one_cuda_major_in_the_image():
+    """NVIDIA's TensorRT images 23.x-25.x are CUDA 12 (25.01: CUDA 12.8, TensorRT 10.8), so no CUDA 13 build may be
+    installed: onnxruntime-gpu 1.27 and later and cuda-python 13 are CUDA 13 builds."""
+    (_, image), *_ = instructions()
+    assert (23, 1) <= _release(image) <= (25, 12), image
+    requirements = _requirements(" ".join(args for kind, args in instructions() if kind == "RUN"))
+    assert requirements["onnxruntime-gpu"].endswith(",<1.27") and requirements["cuda-python"].endswith(",<13")
+
+
+def test_the_build_checks_the_whole_gpu_chain():
+    """The build fails unless TensorRT, cuda.bindings and ONNX Runtime import, each of the image's CUDA major, the
+    CUDA provider is listed and every library it links (but the host's libcuda) is found in the image."""
+    run = " ".join(args for kind, args in instructions() if kind == "RUN")
+    for needed in (
+        "import medsr.engine.trt",
+        "tensorrt",
+        "cuda.bindings.runtime",
+        "tensorrt.__version__.startswith('10.')",
+        "cuda.bindings.__version__.startswith('12.')",
+        "'CUDAExecutionProvider' in providers",
+        "libonnxruntime_providers_cuda.so",
+        "not found",
+    ):
+        assert needed in run, needed
+
+
+def test_the_drivers_it_needs_are_said():
+    text = (ROOT / "Dockerfile").read_text()
+    comments = " ".join(line.lstrip("# ") for line in text.splitlines() if line.startswith("#"))
+    assert "CUDA 12.8" in comments and "R570" in comments and "gpu-cu13" in comments and ">= 580" in comments
+    readme = (ROOT / "README.md").read_text()
+    assert re.search(r"^\| `gpu-cu12` \| .*driver >= 525", readme, flags=re.MULTILINE)
+    assert re.search(r"^\| `gpu-cu13` \| .*driver >= 580", readme, flags=re.MULTILINE)
+
+
+@pytest.mark.parametrize("major", [12, 13])
+def test_each_gpu_extra_pairs_packages_of_one_cuda_major(major):
+    """onnxruntime-gpu 1.21-1.26 are the CUDA 12 builds on PyPI with [cuda,cudnn] extras, 1.27 and later CUDA 13;
+    cuda-python's major is its CUDA major; TensorRT's wheels name theirs (tensorrt-cu12, tensorrt-cu13)."""
+    extra = _extra(f"gpu-cu{major}")
+    assert set(extra) == {"onnxruntime-gpu", f"tensorrt-cu{major}", "cuda-python"}
+    assert extra["cuda-python"].endswith(f",<{major + 1}")
+    assert extra["onnxruntime-gpu"] == (">=1.21,<1.27" if major == 12 else ">=1.27,<2")
+    deps = pyproject()["project"]["optional-dependencies"][f"gpu-cu{major}"]
+    assert "onnxruntime-gpu[cuda,cudnn]" + extra["onnxruntime-gpu"] in deps
+    assert "gpu" not in pyproject()["project"]["optional-dependencies"]  # one extra per CUDA major, no ambiguous one
 
 
 def test_entry_point_is_a_console_script():

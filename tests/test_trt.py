@@ -179,12 +179,93 @@ def test_a_new_session_reuses_the_cached_plan(tmp_path):
 
 
 def test_dynamic_profile_runs_without_cuda_graph(tmp_path):
+    """Two shapes of one dynamic plan: two execution contexts of one deserialized engine, not two engines."""
     cuda = FakeCuda()
+    trt = fake_tensorrt(cuda)
     profile = range_profile(fake_bundle(tmp_path), (1, 2, 4), ((64, 64),) * 3)
-    session, builds = make_session(tmp_path, cuda=cuda, profiles=[profile])
+    session, builds = make_session(tmp_path, cuda=cuda, trt=trt, profiles=[profile])
     for batch in (1, 3):
         session.run(denoiser_feeds(batch=batch))
     assert len(builds) == 1 and cuda.launches == 0
+    assert len(session._executors) == 2 and len(trt._engines) == 1
+    executors = list(session._executors.values())
+    assert executors[0].engine is executors[1].engine and executors[0].context is not executors[1].context
+
+
+def test_a_smaller_batch_runs_padded_on_the_plan_of_the_full_batch(tmp_path):
+    """Batches 4 then 3 (a volume's last batch): one plan, one engine, one executor and its CUDA graph; the last
+    item is repeated to fill the batch and the outputs are cropped, equal to the unpadded run of the same items."""
+    cuda = FakeCuda()
+    trt = fake_tensorrt(cuda)
+    session, builds = make_session(tmp_path / "padded", cuda=cuda, trt=trt)
+    full, last = denoiser_feeds(batch=4, seed=1), denoiser_feeds(batch=3, seed=2)
+    session.run(full)
+    out = session.run(last)["model_output"]
+    assert [b[1].split("_")[0] for b in builds] == ["4x3x64x64"] and len(trt._engines) == 1
+    assert len(session._executors) == 1 and out.shape == (3, 3, 64, 64)
+    unpadded, unpadded_builds = make_session(tmp_path / "unpadded")
+    unpadded.pad_batch = False
+    unpadded.run(full)
+    np.testing.assert_array_equal(out, unpadded.run(last)["model_output"])
+    assert [b[1].split("_")[0] for b in unpadded_builds] == ["4x3x64x64", "3x3x64x64"]
+    session.run(denoiser_feeds(batch=8))  # larger than every plan: a plan of its own, never split
+    assert [b[1].split("_")[0] for b in builds] == ["4x3x64x64", "8x3x64x64"]
+    session.run(denoiser_feeds(batch=5))  # the smallest larger plan
+    assert len(builds) == 2 and len(session._executors) == 2
+
+
+def test_a_small_first_batch_pads_to_a_cached_plan(tmp_path):
+    """A new session whose first batch is small (a 2D image, a short volume) pads to the static plan of the same
+    plane size already in the cache (an earlier run's, or medsr-export --trt-precision's), not another build."""
+    first, builds = make_session(tmp_path)
+    first.run(denoiser_feeds(batch=4))
+    (tmp_path / "engines" / "denoiser-fp16-junk.plan").write_bytes(b"not a plan")  # ignored: no shapes in its name
+    second, _ = make_session(tmp_path, builds=builds)
+    feeds = denoiser_feeds(batch=1, seed=3)
+    out = second.run(feeds)["model_output"]
+    assert len(builds) == 1 and out.shape == (1, 3, 64, 64)
+    np.testing.assert_allclose(out, 2 * feeds["sample"] + feeds["lr_latent"].mean(), rtol=1e-6)
+    other_size = denoiser_feeds(batch=1)
+    other_size["sample"] = np.zeros((1, 3, 32, 32), np.float32)
+    other_size["lr_latent"] = np.zeros((1, 3, 8, 8), np.float32)
+    second.run(other_size)  # another plane size: its own plan
+    assert [b[1].split("_")[0] for b in builds] == ["4x3x64x64", "1x3x32x32"]
+    third, _ = make_session(tmp_path, builds=builds)
+    third.run(other_size)  # its own plan is in the cache now: used as it is, not padded to another
+    assert len(builds) == 2 and list(third._executors) == [tuple(other_size[n].shape for n in third.input_names)]
+
+
+def test_a_volume_builds_one_plan_per_graph_and_padding_changes_nothing(tiny_bundle, tmp_path, monkeypatch):
+    """7 planes at batch 3 (3 + 3 + 1) through the pipeline on TensorRT: exactly one plan per graph (and one
+    engine each), and the SR volume equals that of the run that builds a plan for the last batch."""
+    from medsr.bundle import load_bundle
+    from medsr.engine.pipeline import LatentSRPipeline, SamplingOptions
+    from medsr.engine.volume import NetworkInput, super_resolve_volume
+    from medsr.io.normalize import IntensityWindow
+
+    bundle = load_bundle(tiny_bundle)
+    data = np.random.default_rng(0).uniform(0, 100, (16, 16, 7)).astype(np.float32)
+    prepared = NetworkInput(tmp_path / "in.nii", data, IntensityWindow(0.0, 100.0), display=False)
+
+    def run(pad: bool):
+        monkeypatch.setenv("MEDSR_CACHE", str(tmp_path / f"cache-{pad}"))
+        cuda = FakeCuda()
+        trt = fake_tensorrt(cuda)
+        sessions = open_trt_sessions(bundle, "fp32", trt=trt, cuda=cuda, pad_batch=pad)
+        builds = []
+        for graph, session in sessions.items():
+            session.builder = lambda path, profile, precision, g=graph: builds.append(g) or f"plan:{g}".encode()
+        options = SamplingOptions(steps=2, batch_size=3, seed=5)
+        result = super_resolve_volume(prepared, np.eye(4), LatentSRPipeline(bundle, sessions), 2, options)
+        return result, builds, trt
+
+    padded, builds, trt = run(True)
+    assert sorted(builds) == sorted(bundle.graphs) and len(trt._engines) == len(bundle.graphs)
+    unpadded, unpadded_builds, _ = run(False)
+    assert len(unpadded_builds) == 2 * len(bundle.graphs)
+    assert padded.data.shape == (64, 64, 7) and np.isfinite(padded.data).all()
+    np.testing.assert_array_equal(padded.data, unpadded.data)
+    np.testing.assert_array_equal(padded.residuals, unpadded.residuals)
 
 
 def test_missing_input_is_a_shape_error(tmp_path):
@@ -454,7 +535,8 @@ def test_missing_tensorrt_names_what_to_install():
         "try:\n    import_tensorrt()\nexcept BackendError as exc:\n    print(exc)\n"
     )
     run = run_python(code)
-    assert "needs TensorRT 10.8 to 11.x" in run.stdout and "pip install 'medsr[gpu]'" in run.stdout, run.stderr
+    assert "needs TensorRT 10.8 to 11.x" in run.stdout, run.stderr
+    assert "pip install 'medsr[gpu-cu12]' (driver >= 525)" in run.stdout and "'medsr[gpu-cu13]'" in run.stdout
     assert "pip install 'tensorrt>=10.8,<12'" in run.stdout
 
 

@@ -1,8 +1,10 @@
 """Stand-ins for the tensorrt module and the CUDA runtime, so the TensorRT logic is tested without a GPU.
 
-The fake engine computes ``model_output = 2 * sample + mean(lr_latent)`` and ``image = latent + 1``; the fake CUDA
-runtime keeps buffers in NumPy arrays and records the work enqueued while a graph is captured, replaying it on
-launch, as CUDA does.
+The fake engine computes, item by item of a batch as the real graphs do (so a padded batch leaves its real items
+unchanged), ``model_output = 2 * sample + mean(lr_latent)``, ``latent_mean`` = the image averaged over 4 x 4 blocks
+(``latent_logvar`` 0) and ``image = latent + 1`` repeated 4 x 4, the shapes of the f=4 graphs of
+:func:`fake_bundle`; the fake CUDA runtime keeps buffers in NumPy arrays and records the work enqueued while a
+graph is captured, replaying it on launch, as CUDA does.
 
 The fake tensorrt of a version exposes exactly the TensorRT names medsr uses on that version
 (medsr.engine.trt_build.TRT_API through trt_features(version).api_names): any other class, member or enum value
@@ -150,6 +152,9 @@ def strict_namespace(label: str, allowed: set[str], **values) -> SimpleNamespace
     return Strict(**kept)
 
 
+#: The VAE factor of the fake graphs (and of fake_bundle).
+FAKE_VAE_FACTOR = 4
+
 GRAPH_IO = {
     "denoiser": (("sample", "lr_latent", "timestep"), ("model_output",)),
     "vae_decoder": (("latent",), ("image",)),
@@ -172,7 +177,14 @@ class FakeContext(Surface):
         return True
 
     def get_tensor_shape(self, name):
-        return self._shapes[self._engine._inputs[0]]
+        if name in self._shapes:
+            return self._shapes[name]
+        first = self._shapes[self._engine._inputs[0]]
+        if self._engine._graph == "vae_encoder":  # f=4: the latent is the image / 4 on each side
+            return (*first[:2], first[2] // FAKE_VAE_FACTOR, first[3] // FAKE_VAE_FACTOR)
+        if self._engine._graph == "vae_decoder":
+            return (*first[:2], first[2] * FAKE_VAE_FACTOR, first[3] * FAKE_VAE_FACTOR)
+        return first
 
     def set_tensor_address(self, name, address):
         self._addresses[name] = address
@@ -188,14 +200,20 @@ class FakeContext(Surface):
             raise RuntimeError("fake TensorRT: execution failed")
 
         def work():
-            if engine._graph == "denoiser":
-                out = 2 * self._array("sample") + self._array("lr_latent").mean()
-                self._array("model_output")[...] = out
-            elif engine._graph == "vae_decoder":
-                self._array("image")[...] = self._array("latent") + 1
-            else:
-                self._array("latent_mean")[...] = self._array("image")
-                self._array("latent_logvar")[...] = 0
+            f = FAKE_VAE_FACTOR
+            for b in range(self._shapes[engine._inputs[0]][0]):  # item by item: a batch never mixes its items
+                if engine._graph == "denoiser":
+                    out = 2 * self._array("sample")[b] + self._array("lr_latent")[b].mean()
+                    self._array("model_output")[b] = out
+                elif engine._graph == "vae_decoder":
+                    image = np.repeat(np.repeat(self._array("latent")[b], f, axis=1), f, axis=2) + 1
+                    self._array("image")[b] = image
+                else:
+                    image = self._array("image")[b]
+                    channels, height, width = image.shape
+                    blocks = image.reshape(channels, height // f, f, width // f, f)
+                    self._array("latent_mean")[b] = blocks.mean(axis=(2, 4))
+                    self._array("latent_logvar")[b] = 0
             engine._executions += 1
 
         engine._cuda.submit(work)

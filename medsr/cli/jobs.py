@@ -15,7 +15,7 @@ from medsr.engine.jobs import (
     InferSettings,
     new_summary,
     plan_batch,
-    run_batch_job,
+    run_batch_jobs,
     write_summary,
 )
 from medsr.engine.pipeline import LatentSRPipeline
@@ -51,16 +51,18 @@ def run_batch(
 
     ``open_pipeline()`` is called when the first job passes its checks (and should cache its pipeline).
     ``outdir/medsr_summary.json`` is rewritten (atomically) after every job, so an interrupted batch leaves a
-    summary of what was finished. Returns the summary.
+    summary of what was finished. With ``settings.overlap`` the next input is read and the previous output written
+    while the engine runs (medsr.engine.jobs.run_batch_jobs). Returns the summary.
     """
     summary = new_summary(bundle)
     records = []
-    for job, output, record in plan_batch(jobs, outdir, bundle, settings):
-        if "status" not in record:
-            record = run_batch_job(job, output, bundle, open_pipeline, settings, record)
+
+    def finished(record: dict) -> None:
         records.append(record)
         echo(batch_line(record))
         write_summary(outdir, summary, records)
+
+    run_batch_jobs(plan_batch(jobs, outdir, bundle, settings), bundle, open_pipeline, settings, finished)
     write_summary(outdir, summary, records, finished=True)
     return summary
 

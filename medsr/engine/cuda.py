@@ -17,7 +17,10 @@ import numpy as np
 
 from medsr.errors import BackendError
 
-GPU_EXTRA_HINT = "install the gpu extra on a machine with an NVIDIA GPU and driver: pip install 'medsr[gpu]'"
+GPU_EXTRA_HINT = (
+    "install the gpu extra of your driver's CUDA major on a machine with an NVIDIA GPU: "
+    "pip install 'medsr[gpu-cu12]' (driver >= 525) or 'medsr[gpu-cu13]' (driver >= 580)"
+)
 #: Every name of the cuda-python runtime module medsr calls (functions, and "Enum.member").
 CUDART_API = (
     "cudaGetDeviceCount",

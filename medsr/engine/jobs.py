@@ -2,9 +2,17 @@
 engine, write the result atomically with its provenance, and the batch's bookkeeping (output names planned once for
 the whole batch, existing outputs skipped so a rerun resumes, a summary JSON kept current in the output directory).
 
-The batch of medsr.cli.jobs and the Ray workers of medsr.serve.ray_batch both run each job through
-:func:`run_batch_job`, so a batch gives the same files and the same records whichever runs it. The model work is
-medsr.engine.volume's.
+The batch of medsr.cli.jobs and the Ray workers of medsr.serve.ray_batch both run each job through the same
+stages (:func:`run_batch_job`), so a batch gives the same files and the same records whichever runs it. The model
+work is medsr.engine.volume's.
+
+A local batch overlaps the host stages with the engine (:func:`run_batch_jobs`): while the engine runs job i on the
+calling thread, one background thread reads and prepares job i + 1 and another writes job i - 1, at most one read
+ahead and one write behind. At GPU speed reading, normalizing, consistency and saving take about as long as the
+model (docs/sources.md, "GPU engines"), so run one after the other they cap what a faster engine gains end to end.
+Every job still goes through the same stages in the same order, so the files are the same byte for byte; a stage's
+error becomes the record of its own job; an interrupt cancels what has not started and waits for a write under way,
+which the atomic writer finishes or removes (medsr.io.atomic): never a partial output.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import datetime
 import json
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +31,7 @@ from medsr.engine.pipeline import LatentSRPipeline, SamplingOptions
 from medsr.engine.volume import (
     NetworkInput,
     ThroughPlanePlan,
+    VolumeResult,
     check_plane_size,
     choose_slice_axis,
     min_plane_side,
@@ -49,7 +59,8 @@ class InferSettings:
     medsr.engine.select.resolve_engine) and ``engine_reason`` (why): recorded in each output's provenance.
     ``through_plane``: upsample along the slice axis with a through-plane model (medsr.engine.volume), by
     ``through_plane_scale`` (None: from the spacings) with slices ``slice_thickness`` mm thick (None: DICOM
-    SliceThickness, else the slice spacing).
+    SliceThickness, else the slice spacing). ``overlap``: a local batch reads the next input and writes the previous
+    output while the engine runs (:func:`run_batch_jobs`); False runs the stages one after the other.
     """
 
     options: SamplingOptions = field(default_factory=SamplingOptions)
@@ -66,6 +77,7 @@ class InferSettings:
     through_plane: bool = False
     through_plane_scale: int | None = None
     slice_thickness: float | None = None
+    overlap: bool = True
 
 
 @dataclass(frozen=True)
@@ -159,15 +171,23 @@ def provenance_of(pipeline: LatentSRPipeline, settings: InferSettings) -> dict:
     }
 
 
-def run_prepared(
+@dataclass(frozen=True)
+class ComputedJob:
+    """A prepared job whose SR volume is computed, with the provenance its output records: all but the write."""
+
+    prepared: PreparedJob
+    result: VolumeResult
+    provenance: dict
+    seconds: float
+
+
+def compute_prepared(
     prepared: PreparedJob,
     pipeline: LatentSRPipeline,
     settings: InferSettings,
     progress: Callable[[int], None] | None = None,
-) -> dict:
-    """Super-resolve a prepared job and write its output; return its record for the user and the batch summary."""
-    from medsr.io.formats import save_image
-
+) -> ComputedJob:
+    """Super-resolve a prepared job (the engine stage), without writing anything."""
     started = time.perf_counter()
     volume = prepared.volume
     plan = prepared.plan
@@ -186,6 +206,27 @@ def run_prepared(
         "date": _now(),
         **({} if plan is None else {"through_plane": plan.to_dict()}),
     }
+    return ComputedJob(prepared, result, provenance, time.perf_counter() - started)
+
+
+def run_prepared(
+    prepared: PreparedJob,
+    pipeline: LatentSRPipeline,
+    settings: InferSettings,
+    progress: Callable[[int], None] | None = None,
+) -> dict:
+    """Super-resolve a prepared job and write its output; return its record for the user and the batch summary."""
+    return write_computed(compute_prepared(prepared, pipeline, settings, progress), settings)
+
+
+def write_computed(computed: ComputedJob, settings: InferSettings) -> dict:
+    """Write a computed job's output atomically with its provenance; return its record (``seconds``: the engine
+    stage and the write)."""
+    from medsr.io.formats import save_image
+
+    started = time.perf_counter()
+    prepared, result = computed.prepared, computed.result
+    volume, plan = prepared.volume, prepared.plan
     clipped_output = save_image(
         prepared.output,
         prepared.fmt,
@@ -193,7 +234,7 @@ def run_prepared(
         result.affine,
         volume,
         prepared.dtype,
-        provenance,
+        computed.provenance,
         settings.overwrite,
     )
     return {
@@ -211,7 +252,7 @@ def run_prepared(
         "clipped_output_fraction": clipped_output,
         "residual_median": float(np.median(result.residuals)),
         "notes": list(volume.notes),
-        "seconds": round(time.perf_counter() - started, 3),
+        "seconds": round(computed.seconds + time.perf_counter() - started, 3),
         **({} if plan is None else {"through_plane": plan.describe()}),
     }
 
@@ -243,16 +284,96 @@ class EngineOptions:
 
 def run_job(job, output: Path, bundle, open_pipeline, settings: InferSettings, record: dict) -> dict:
     """One batch job; a failure becomes the record's error instead of stopping the batch."""
-    try:
-        return run_prepared(prepare_job(job, output, bundle, settings), open_pipeline(), settings)
-    except MedsrError as exc:
+    stage = _read_stage(job, output, bundle, settings, record, skip_existing=False)
+    stage = _run_stage(stage, open_pipeline, settings)
+    return _write_stage(stage, settings)
+
+
+def _failed(job, record: dict, exc: Exception) -> dict:
+    """The record of a job whose stage raised ``exc``: a MedsrError's one line, or a bug named as one."""
+    if isinstance(exc, MedsrError):
         return {**record, "status": "failed", "error": str(exc)}
-    except Exception as exc:  # noqa: BLE001 - a bug must not stop the other jobs; it is reported as one
-        return {
-            **record,
-            "status": "failed",
-            "error": f"{job.source}: unexpected error (a medsr bug): {type(exc).__name__}: {flat(exc)}",
-        }
+    error = f"{job.source}: unexpected error (a medsr bug): {type(exc).__name__}: {flat(exc)}"
+    return {**record, "status": "failed", "error": error}
+
+
+# A job between stages: (job, record, PreparedJob | ComputedJob), or its final record (a dict) once it failed or
+# was skipped. Each stage turns its own errors into its own job's record: a bug must not stop the other jobs.
+def _read_stage(job, output: Path, bundle, settings: InferSettings, record: dict, skip_existing: bool = True):
+    if "status" in record:  # final already (plan_batch: a name taken twice)
+        return record
+    if skip_existing and output.exists() and not settings.overwrite:
+        return {**record, "status": "skipped", "reason": "output exists"}
+    try:
+        return job, record, prepare_job(job, output, bundle, settings)
+    except Exception as exc:  # noqa: BLE001
+        return _failed(job, record, exc)
+
+
+def _run_stage(stage, open_pipeline, settings: InferSettings):
+    if isinstance(stage, dict):
+        return stage
+    job, record, prepared = stage
+    try:
+        return job, record, compute_prepared(prepared, open_pipeline(), settings)
+    except Exception as exc:  # noqa: BLE001
+        return _failed(job, record, exc)
+
+
+def _write_stage(stage, settings: InferSettings) -> dict:
+    if isinstance(stage, dict):
+        return stage
+    job, record, computed = stage
+    try:
+        return write_computed(computed, settings)
+    except Exception as exc:  # noqa: BLE001
+        return _failed(job, record, exc)
+
+
+def run_batch_jobs(
+    plan: list[tuple[object, Path, dict]],
+    bundle,
+    open_pipeline,
+    settings: InferSettings,
+    on_record: Callable[[dict], None],
+) -> None:
+    """Run the planned jobs (:func:`plan_batch`) in order, calling ``on_record(record)`` for each as it finishes,
+    in plan order: the jobs of :func:`run_batch_job`, with the host stages overlapped with the engine when
+    ``settings.overlap`` (module docstring).
+
+    The engine stage (and ``open_pipeline()``, when the first job passes its checks) runs on the calling thread; a
+    reader thread prepares at most the next job while it runs, a writer thread writes at most the previous one.
+    On any exception of the calling thread (an interrupt, or ``on_record``'s), reads not started are cancelled and
+    a write under way is waited for (it completes or removes its temporary), then the exception propagates.
+    """
+    if not settings.overlap:
+        for job, output, record in plan:
+            on_record(run_batch_job(job, output, bundle, open_pipeline, settings, record))
+        return
+    reader = ThreadPoolExecutor(1, thread_name_prefix="medsr-read")
+    writer = ThreadPoolExecutor(1, thread_name_prefix="medsr-write")
+    try:
+        reading = _submit_read(reader, plan, 0, bundle, settings)
+        writing: Future | None = None
+        for index in range(len(plan)):
+            stage = reading.result()
+            reading = _submit_read(reader, plan, index + 1, bundle, settings)
+            stage = _run_stage(stage, open_pipeline, settings)
+            if writing is not None:
+                on_record(writing.result())
+            writing = writer.submit(_write_stage, stage, settings)
+        if writing is not None:
+            on_record(writing.result())
+    finally:
+        reader.shutdown(wait=False, cancel_futures=True)
+        writer.shutdown(wait=True, cancel_futures=True)
+
+
+def _submit_read(reader: ThreadPoolExecutor, plan, index: int, bundle, settings: InferSettings) -> Future | None:
+    if index >= len(plan):
+        return None
+    job, output, record = plan[index]
+    return reader.submit(_read_stage, job, output, bundle, settings, record)
 
 
 def plan_batch(jobs: list, outdir: Path, bundle, settings: InferSettings) -> list[tuple[object, Path, dict]]:
@@ -278,10 +399,10 @@ def plan_batch(jobs: list, outdir: Path, bundle, settings: InferSettings) -> lis
 
 
 def run_batch_job(job, output: Path, bundle, open_pipeline, settings: InferSettings, record: dict) -> dict:
-    """A planned job (:func:`plan_batch`): skipped when its output exists (unless overwriting), else run."""
-    if output.exists() and not settings.overwrite:
-        return {**record, "status": "skipped", "reason": "output exists"}
-    return run_job(job, output, bundle, open_pipeline, settings, record)
+    """A planned job (:func:`plan_batch`): skipped when its output exists (unless overwriting), else run (read,
+    engine, write, one after the other)."""
+    stage = _read_stage(job, output, bundle, settings, record)
+    return _write_stage(_run_stage(stage, open_pipeline, settings), settings)
 
 
 def new_summary(bundle) -> dict:

@@ -90,7 +90,9 @@ def choose_engine(device: str, precision: str | None = None, probes: dict[str, P
             return EngineChoice(engine, chosen, reason)
         skipped.append((engine, why))
     asked = "" if wanted == AUTO else f" --precision {wanted}"
-    hint = "; install the gpu extra on a machine with an NVIDIA GPU or use --device cpu" if device == "cuda" else ""
+    hint = ""
+    if device == "cuda":
+        hint = "; install a gpu extra (gpu-cu12 or gpu-cu13: your driver's CUDA major) on an NVIDIA GPU or use --device cpu"
     details = "; ".join(f"{name}: {text}" for name, text in skipped)
     raise BackendError(f"--engine auto --device {device}{asked}: no engine can run ({details}){hint}")
 

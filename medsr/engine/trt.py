@@ -11,7 +11,12 @@ run time into a bundle or the package".
 
 Each input shape gets an executor: device buffers and page-locked host buffers allocated once, and for a static
 profile the whole step (copies in, the engine, copies out) captured once as a CUDA graph and replayed, so a step
-costs one launch. Activations and weights never leave the GPU; the latent (B x C x h x w float32, 48 KB for one
+costs one launch. One plan serves a whole volume: a batch smaller than a static plan's batch with the same plane
+size (a volume's last batch) is padded to it by repeating its last item, and the outputs are cropped, instead of
+building another plan for minutes; the graphs treat the items of a batch independently, so the real items' results
+do not change. Every executor of a plan shares its one deserialized ICudaEngine (several execution contexts, used
+one after the other on the session's stream), so a plan's weights sit on the GPU once (docs/sources.md, "GPU
+engines"). Activations and weights never leave the GPU; the latent (B x C x h x w float32, 48 KB for one
 256x256 slice of a f=4 model) crosses to the host and back once per step because the scheduler is NumPy by design.
 TensorRT and cuda-python are imported only here, on first use; a missing package or GPU is a BackendError. TensorRT
 10.8 to 11.x is supported (medsr.engine.trt_build.trt_features): 11.x has no weak typing and builds fp32 and tf32
@@ -135,30 +140,42 @@ class PlanCache:
         return plan_path
 
 
+@dataclass
+class LoadedPlan:
+    """A deserialized plan: the ICudaEngine and the Runtime that made it (kept: the runtime outlives its engine).
+    Every execution context of the plan is made from this one engine."""
+
+    runtime: object
+    engine: object
+
+
+def load_plan(trt, plan: bytes) -> LoadedPlan:
+    """Deserialize ``plan`` once; a BackendError when TensorRT cannot."""
+    runtime = trt.Runtime(trt_logger(trt))
+    engine = runtime.deserialize_cuda_engine(plan)
+    if engine is None:
+        raise BackendError("TensorRT could not deserialize the plan (built by another TensorRT or corrupt)")
+    return LoadedPlan(runtime, engine)
+
+
 class PlanExecutor:
-    """One plan run at one set of input shapes: load -> activate -> allocate -> infer -> close.
+    """One plan run at one set of input shapes: activate -> allocate -> infer -> close.
 
     Args:
         trt, cuda: the tensorrt module and a CudaRuntime (tests inject fakes).
-        plan: serialized engine bytes.
+        plan: the LoadedPlan (shared by every executor of the plan), or serialized engine bytes (loaded here).
         shapes: input name -> shape this executor runs.
         cuda_graph: capture copies + engine once and replay them (static shapes only).
     """
 
-    def __init__(self, trt, cuda: CudaRuntime, plan: bytes, shapes: dict[str, Shape], cuda_graph: bool):
+    def __init__(self, trt, cuda: CudaRuntime, plan: LoadedPlan | bytes, shapes: dict[str, Shape], cuda_graph: bool):
         self.trt, self.cuda, self.shapes, self.use_graph = trt, cuda, shapes, cuda_graph
-        self.engine = self.load(plan)
+        loaded = plan if isinstance(plan, LoadedPlan) else load_plan(trt, plan)
+        self.runtime, self.engine = loaded.runtime, loaded.engine
         self.context = self.activate()
         self.buffers: dict[str, tuple[int, int, np.ndarray]] = {}
         self.graph = None
         self.allocate()
-
-    def load(self, plan: bytes):
-        self.runtime = self.trt.Runtime(trt_logger(self.trt))  # kept: the runtime outlives its engine
-        engine = self.runtime.deserialize_cuda_engine(plan)
-        if engine is None:
-            raise BackendError("TensorRT could not deserialize the plan (built by another TensorRT or corrupt)")
-        return engine
 
     def activate(self):
         context = self.engine.create_execution_context()
@@ -223,14 +240,18 @@ class PlanExecutor:
             self.cuda.free(device)
             self.cuda.free_pinned(host_address)
         self.buffers.clear()
-        self.context = self.engine = self.runtime = None
+        self.context = self.engine = self.runtime = None  # the context first: it must not outlive its engine
 
 
 class TrtSession:
     """One bundle graph on TensorRT: picks a profile for each input shape, loads or builds its plan, runs it.
 
     Without ``profiles`` every new shape gets its own static profile (built on first use, then cached on disk);
-    with them, a shape runs on the narrowest profile that admits it (medsr.engine.profiles.choose_profile).
+    with them, a shape runs on the narrowest profile that admits it (medsr.engine.profiles.choose_profile). With
+    ``pad_batch``, a shape no profile admits whose batch is smaller than that of a static profile of the same
+    plane size (one this session knows, or a plan in the cache) runs padded on the smallest such profile
+    (:meth:`padded_shapes`), so the last batch of a volume reuses the plan of its full batches. The executors of
+    one plan share its deserialized engine.
 
     Args:
         graph: graph name (medsr.bundle.graphs); entry: its bundle GraphEntry (path, sha256).
@@ -255,6 +276,7 @@ class TrtSession:
         builder=None,
         cuda_graphs=True,
         timing_cache: Path | None = None,
+        pad_batch: bool = True,
     ):
         spec = GRAPHS[graph]
         self.graph, self.entry, self.precision, self.cache = graph, entry, precision, cache
@@ -264,7 +286,10 @@ class TrtSession:
         self.builder = builder or self._default_builder
         self.input_names, self.output_names = spec.inputs, spec.outputs
         self.providers = (f"TensorRT-{trt.__version__}-{precision}",)
+        self.pad_batch = pad_batch
         self._executors: dict[tuple, PlanExecutor] = {}
+        self._loaded: dict[str, LoadedPlan] = {}  # profile tag -> the one engine of that plan
+        self._targets: dict[tuple, dict[str, Shape]] = {}  # input shapes -> the shapes they run at (padded_shapes)
 
     def _default_builder(self, onnx_path, profile: ShapeProfile, precision: str) -> bytes:
         from medsr.engine.trt_build import build_plan
@@ -300,6 +325,12 @@ class TrtSession:
         self.cache.store(key, plan)
         return plan
 
+    def loaded(self, profile: ShapeProfile) -> LoadedPlan:
+        """The deserialized plan of ``profile``, loaded (and built when needed) once per session."""
+        if profile.tag not in self._loaded:
+            self._loaded[profile.tag] = load_plan(self.trt, self.plan(profile))
+        return self._loaded[profile.tag]
+
     def executor(self, shapes: dict[str, Shape]) -> PlanExecutor:
         signature = tuple(shapes[name] for name in self.input_names)
         if signature not in self._executors:
@@ -308,21 +339,97 @@ class TrtSession:
                 profile = ShapeProfile(self.graph, tuple((n, (s, s, s)) for n, s in shapes.items()))
                 self.profiles.append(profile)
             use_graph = self.cuda_graphs and profile.static
-            self._executors[signature] = PlanExecutor(self.trt, self.cuda, self.plan(profile), shapes, use_graph)
+            self._executors[signature] = PlanExecutor(self.trt, self.cuda, self.loaded(profile), shapes, use_graph)
         return self._executors[signature]
 
+    def padded_shapes(self, shapes: dict[str, Shape]) -> dict[str, Shape]:
+        """The shapes ``shapes`` run at: themselves when a profile admits them or ``pad_batch`` is off, else those
+        of the smallest larger batch of a static profile with the same other dimensions, among this session's
+        profiles and then the plans in the cache (a batch that no plan exceeds, or whose own plan is in the cache,
+        runs as it is). Decided once per shape."""
+        signature = tuple(shapes[name] for name in self.input_names)
+        if signature in self._executors or not self.pad_batch:
+            return shapes
+        if signature not in self._targets:
+            self._targets[signature] = self._pad_target(shapes)
+        return self._targets[signature]
+
+    def _pad_target(self, shapes: dict[str, Shape]) -> dict[str, Shape]:
+        if choose_profile(self.profiles, shapes) is not None:
+            return shapes
+        batch = shapes[self.input_names[0]][0]
+        batches = [b for b in (_static_batch(p, shapes) for p in self.profiles) if b is not None and b > batch]
+        if not batches:
+            cached = self._cached_batches(shapes)
+            batches = [] if batch in cached else [b for b in cached if b > batch]
+        if not batches:
+            return shapes
+        target = min(batches)
+        return {name: (target, *shape[1:]) for name, shape in shapes.items()}
+
+    def _cached_batches(self, shapes: dict[str, Shape]) -> list[int]:
+        """Batches of the static plans of this graph and precision in the cache with the plane size of ``shapes``
+        (a plan built by an earlier run or by medsr-export --trt-precision); its key is checked when it is used."""
+        if self.cache.root is None or not self.cache.root.is_dir():
+            return []
+        prefix = f"{self.graph}-{self.precision}-"
+        found = []
+        for path in self.cache.root.glob(f"{prefix}*.plan"):
+            tag = path.name[len(prefix) : -len(".plan")]
+            parts = tag.split("_")
+            if "-" in tag or len(parts) != len(self.input_names):
+                continue
+            try:
+                dims = [tuple(int(d) for d in part.split("x")) for part in parts]
+            except ValueError:
+                continue
+            profile = ShapeProfile(self.graph, tuple((n, (d, d, d)) for n, d in zip(self.input_names, dims)))
+            batch = _static_batch(profile, shapes)
+            if batch is not None:
+                found.append(batch)
+        return found
+
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Named float32 arrays in, named float32 arrays out (host memory), like every Session."""
+        """Named float32 arrays in, named float32 arrays out (host memory), like every Session.
+
+        A batch padded to a larger plan (:meth:`padded_shapes`) repeats its last item up to the plan's batch;
+        the outputs are cropped back to the batch given."""
         missing = [name for name in self.input_names if name not in feeds]
         if missing:
             raise ShapeError(f"{self.graph}: missing input(s) {', '.join(missing)}")
         shapes = {name: tuple(np.shape(feeds[name])) for name in self.input_names}
-        return self.executor(shapes).infer(feeds)
+        target = self.padded_shapes(shapes)
+        if target == shapes:
+            return self.executor(shapes).infer(feeds)
+        batch = shapes[self.input_names[0]][0]
+        padded = {name: _pad_batch(np.asarray(feeds[name]), target[name][0]) for name in self.input_names}
+        return {name: out[:batch] for name, out in self.executor(target).infer(padded).items()}
 
     def close(self) -> None:
         for executor in self._executors.values():
             executor.close()
         self._executors.clear()
+        self._targets.clear()
+        self._loaded.clear()  # after every context of each engine is gone
+
+
+def _static_batch(profile: ShapeProfile, shapes: dict[str, Shape]) -> int | None:
+    """The batch of ``profile`` when it is static, names the inputs of ``shapes``, has one batch for all of them
+    and the same other dimensions; else None."""
+    if not profile.static:
+        return None
+    bounds = {name: low for name, (low, _, _) in profile.shapes}
+    if set(bounds) != set(shapes):
+        return None
+    batches = {bounds[name][0] for name in shapes}
+    same = all(len(bounds[n]) == len(s) and tuple(bounds[n][1:]) == tuple(s[1:]) for n, s in shapes.items())
+    return batches.pop() if same and len(batches) == 1 else None
+
+
+def _pad_batch(array: np.ndarray, batch: int) -> np.ndarray:
+    """``array`` (B, ...) with its last item repeated up to ``batch`` items."""
+    extra = batch - array.shape[0]
+    return np.concatenate([array, np.repeat(array[-1:], extra, axis=0)]) if extra > 0 else array
 
 
 def gpu_folder(gpu: GpuInfo) -> str:
@@ -331,7 +438,13 @@ def gpu_folder(gpu: GpuInfo) -> str:
 
 
 def open_trt_sessions(
-    bundle, precision: str = "fp16", profiles: dict | None = None, build: bool = True, trt=None, cuda=None
+    bundle,
+    precision: str = "fp16",
+    profiles: dict | None = None,
+    build: bool = True,
+    trt=None,
+    cuda=None,
+    pad_batch: bool = True,
 ) -> dict[str, TrtSession]:
     """A TrtSession per graph of ``bundle``, sharing one CUDA stream, the bundle's plan folder of the engine cache
     and this GPU's timing cache.
@@ -339,7 +452,8 @@ def open_trt_sessions(
     ``precision``: one of PRECISIONS["trt"] for every graph, or {graph: precision}; ``auto``: fp16 per graph where
     the parity gate of medsr.engine.precision.choose_mixed passes against TensorRT fp32 (its probe builds plans
     of both), fp32 elsewhere, the choice and its parity named in each session's ``providers``.
-    ``profiles``: {graph: [ShapeProfile]}.
+    ``profiles``: {graph: [ShapeProfile]}; ``pad_batch``: run a smaller batch padded on a larger static plan of
+    the same plane size instead of building another (TrtSession).
     """
     trt = trt or import_tensorrt()
     precisions = precision if isinstance(precision, dict) else dict.fromkeys(bundle.graphs, precision)
@@ -361,7 +475,17 @@ def open_trt_sessions(
     def session(graph: str, chosen: str) -> TrtSession:
         graph_profiles = (profiles or {}).get(graph, ())
         return TrtSession(
-            graph, bundle.graphs[graph], chosen, cache, trt, cuda, gpu, graph_profiles, build, timing_cache=timing_cache
+            graph,
+            bundle.graphs[graph],
+            chosen,
+            cache,
+            trt,
+            cuda,
+            gpu,
+            graph_profiles,
+            build,
+            timing_cache=timing_cache,
+            pad_batch=pad_batch,
         )
 
     if AUTO not in precisions.values():
