@@ -133,6 +133,17 @@ def test_service_refuses_malformed_requests(pipeline, array, parameters, message
         PlaneService(pipeline).parse(array, parameters)
 
 
+def test_a_request_too_large_for_the_memory_bound_is_refused_and_the_service_goes_on(pipeline):
+    service = PlaneService(pipeline, max_request_bytes=8 << 20)  # 8 MiB: 1 plane of 96 x 96 needs about 3 MiB at x4
+    with pytest.raises(InputError, match=r"needs about 11\.8 MiB .* over the limit of 8\.0 MiB per request") as caught:
+        service.parse(planes((4, 96, 96), 0))
+    assert "\n" not in str(caught.value)
+    x = planes((2, 16, 16), 1)
+    (response,) = service.run([service.parse(x, {"seed": 3})])
+    np.testing.assert_array_equal(response.sr, reference(pipeline, x, seed=3)[0])
+    assert PlaneService(pipeline, max_request_bytes=None).parse(planes((4, 96, 96), 0)).lr.shape == (4, 96, 96)
+
+
 def test_a_constant_request_has_no_window(pipeline):
     with pytest.raises(InputError, match="constant"):
         PlaneService(pipeline).parse(np.ones((1, 16, 16), np.float32))
@@ -148,6 +159,7 @@ def test_repository_layout_and_config(tmp_path, bundle):
     assert "preferred_batch_size: [ 4, 8 ]" in config and "max_queue_size: 5" in config
     assert 'name: "LR" data_type: TYPE_FP32 dims: [ -1, -1 ]' in config
     assert "kind: KIND_CPU count: 1" in config and "latest: { num_versions: 1 }" in config
+    assert f'key: "max_request_bytes" value: {{ string_value: "{1 << 30}" }}' in config
     copied = model / "1" / "bundle"
     assert load_bundle(copied).manifest == bundle.manifest
     assert {p.name for p in copied.iterdir()} == {"medsr.json", "NOTICE", *(e.file for e in bundle.graphs.values())}
@@ -204,10 +216,11 @@ def infer(module, url, lr, parameters=None, datatype="FP32"):
     return tuple(result.as_numpy(name) for name in ("SR", "RESIDUAL", "WINDOW"))
 
 
-@pytest.fixture(scope="module")
-def served():
-    """``python -m medsr.cli.serve`` on loopback, as a user starts it; stopped with SIGTERM at the end."""
-    triton_client("http")
+MAX_REQUEST_MEMORY = "128M"  # the served fixture's bound: 1 plane of 1024 x 512 needs 168 MiB at x4
+
+
+def start_server(*args, exit_timeout=30):
+    """``python -m medsr.cli.serve`` on free loopback ports; (process, urls, seconds to ready) once it is ready."""
     http, grpc, metrics = free_ports(3)
     started = time.monotonic()
     process = subprocess.Popen(
@@ -223,8 +236,9 @@ def served():
             str(metrics),
             "--threads",
             str(THREADS),
-            "--max-batch",
-            "8",
+            "--exit-timeout",
+            str(exit_timeout),
+            *args,
         ],
         cwd=ROOT,
         stderr=subprocess.PIPE,
@@ -234,8 +248,38 @@ def served():
     while not lines or "ready in" not in lines[-1]:  # the CLI prints one line once ready, or exits with an error
         lines.append(process.stderr.readline())
         assert lines[-1], "".join(lines)
-    startup = time.monotonic() - started
-    yield {"http": f"127.0.0.1:{http}", "grpc": f"127.0.0.1:{grpc}", "metrics": metrics, "startup_s": startup}
+    urls = {"http": f"127.0.0.1:{http}", "grpc": f"127.0.0.1:{grpc}", "metrics": metrics}
+    return process, urls, time.monotonic() - started
+
+
+def infer_id(kind, url, lr, parameters, request_id, timeout=120.0):
+    """One request with a KServe request id: (the response's id, SR) or the exception; never waits past
+    ``timeout`` seconds."""
+    module = triton_client(kind)
+    if kind == "http":
+        client = module.InferenceServerClient(url, connection_timeout=timeout, network_timeout=timeout)
+        extra = {}
+    else:
+        client = module.InferenceServerClient(url)
+        extra = {"client_timeout": timeout}
+    tensor = module.InferInput("LR", list(lr.shape), "FP32")
+    tensor.set_data_from_numpy(lr)
+    try:
+        result = client.infer("medsr", [tensor], parameters=parameters, request_id=request_id, **extra)
+        response = result.get_response()
+        return (response["id"] if kind == "http" else response.id), result.as_numpy("SR")
+    except Exception as exc:  # noqa: BLE001 - the client's error is what the test looks at
+        return exc
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="module")
+def served():
+    """``python -m medsr.cli.serve`` on loopback, as a user starts it; stopped with SIGTERM at the end."""
+    triton_client("http")
+    process, urls, startup = start_server("--max-batch", "8", "--max-request-memory", MAX_REQUEST_MEMORY)
+    yield {**urls, "startup_s": startup}
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=60)
     assert process.returncode == 0, err
@@ -344,6 +388,100 @@ def test_malformed_requests_get_errors_and_the_server_keeps_serving(served, pipe
     assert isinstance(responses[1], Exception) and "NaN" in str(responses[1])
     for x, response in zip([good[0], good[1], good[2]], [responses[0], responses[2], responses[3]]):
         np.testing.assert_array_equal(response[0], reference(pipeline, x, seed=4)[0])
+
+
+def test_a_plane_too_large_for_the_memory_limit_gets_an_error_and_the_server_keeps_serving(served, pipeline):
+    http = triton_client("http")
+    large = planes((1, 1024, 512), 1)  # 168 MiB of image arrays at x4, over the served --max-request-memory 128M
+    error = infer(http, served["http"], large)
+    assert isinstance(error, Exception) and error.status() == "400", error
+    message = str(error)
+    assert "medsr:" in message and "over the limit of 128.0 MiB per request" in message, message
+    assert "\n" not in message
+    x = planes((1, 16, 16), 2)
+    response = infer(http, served["http"], x, {"seed": 6})
+    assert isinstance(response, tuple), response
+    np.testing.assert_array_equal(response[0], reference(pipeline, x, seed=6)[0])
+
+
+def test_no_request_is_lost_or_duplicated_under_concurrent_load(served, pipeline):
+    """N concurrent requests over HTTP and gRPC, each with its own id and seed: N responses, each id once, each
+    holding the SR of its own planes (bit for bit), and N successes in Triton's metrics."""
+    n = 24
+    inputs = [planes((1 + i % 3, 16, 16), 100 + i) for i in range(n)]
+    ids = [f"req-{i:03d}" for i in range(n)]
+    before = metric(served["metrics"], "nv_inference_request_success")
+    runs_before = metric(served["metrics"], "nv_inference_exec_count")
+    barrier = threading.Barrier(n)
+
+    def send(i):
+        kind = ("http", "grpc")[i % 2]
+        barrier.wait()
+        return infer_id(kind, served[kind], inputs[i], {"seed": 1000 + i}, ids[i])
+
+    with ThreadPoolExecutor(n) as pool:
+        responses = list(pool.map(send, range(n)))
+    failures = [r for r in responses if not isinstance(r, tuple)]
+    assert not failures, failures
+    assert sorted(r[0] for r in responses) == ids  # every id answered exactly once
+    for i, (request_id, sr) in enumerate(responses):
+        assert request_id == ids[i]
+        np.testing.assert_array_equal(sr, reference(pipeline, inputs[i], seed=1000 + i)[0])
+    assert metric(served["metrics"], "nv_inference_request_success") - before == n
+    assert metric(served["metrics"], "nv_inference_exec_count") - runs_before < n  # batched
+
+
+def test_sigterm_under_load_drains_or_fails_every_request_cleanly(pipeline):
+    """SIGTERM while several requests are queued or running: each client gets the pipeline's SR bit for bit or a
+    clear error, none hangs (a request sent after the signal too), and the server exits 0 in bounded time."""
+    triton_client("http")
+    exit_timeout = 10
+    process, urls, _ = start_server("--max-batch", "2", exit_timeout=exit_timeout)
+    n = 8
+    inputs = [planes((1, 48, 48), 200 + i) for i in range(n)]
+    params = [{"seed": 2000 + i, "steps": 2} for i in range(n)]
+    try:
+        with ThreadPoolExecutor(n + 1) as pool:
+            kinds = [("http", "grpc")[i % 2] for i in range(n)]
+            futures = [
+                pool.submit(infer_id, kinds[i], urls[kinds[i]], inputs[i], params[i], f"load-{i}", 90.0)
+                for i in range(n)
+            ]
+            deadline = time.monotonic() + 30
+            while metric(urls["metrics"], "nv_inference_exec_count") < 1:  # the first batch has run: load is on
+                assert time.monotonic() < deadline, "no request ran"
+                time.sleep(0.05)
+            stopped_at = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+            late = pool.submit(infer_id, "grpc", urls["grpc"], inputs[0], params[0], "late", 30.0)
+            results = [future.result(timeout=120) for future in futures]  # none hangs
+            late = late.result(timeout=60)
+        _, err = process.communicate(timeout=exit_timeout + 30)
+        exited_after = time.monotonic() - stopped_at
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, err
+    assert exited_after < exit_timeout + 20, exited_after
+    served_count = 0
+    for i, result in enumerate(results):
+        if isinstance(result, tuple):
+            assert result[0] == f"load-{i}"
+            np.testing.assert_array_equal(result[1], reference(pipeline, inputs[i], **params[i])[0])
+            served_count += 1
+        else:  # a clear error: the server is stopping or gone, never an empty message
+            assert str(result).strip(), repr(result)
+    assert served_count >= 1  # the batch in flight at the signal finished
+    if isinstance(late, tuple):  # accepted before the frontend closed: then it is correct
+        np.testing.assert_array_equal(late[1], reference(pipeline, inputs[0], **params[0])[0])
+    else:
+        assert str(late).strip(), repr(late)
+    print(
+        f"\nSIGTERM under load: {served_count} of {n} served, {n - served_count} refused, the late request "
+        f"{'served' if isinstance(late, tuple) else 'refused'}; exit {exited_after:.1f} s after the signal"
+    )
 
 
 def test_exported_repository_on_tritonserver_busy_and_graceful_stop(tmp_path):

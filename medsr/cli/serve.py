@@ -30,6 +30,13 @@ _ENGINES = ("ort", "openvino", "trt")
 @click.option(
     "--max-batch", type=click.IntRange(min=1), default=16, show_default=True, help="Planes per engine run at most."
 )
+@click.option(
+    "--max-request-memory",
+    default="1G",
+    show_default=True,
+    help="Refuse a request whose image arrays need more than this (e.g. 512M, 4G; 0: no bound): it gets an "
+    "error, the others are served.",
+)
 @click.option("--engine", type=click.Choice(_ENGINES), default="ort", show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option(
@@ -57,6 +64,7 @@ def serve(
     metrics_port,
     max_queue,
     max_batch,
+    max_request_memory,
     engine,
     device,
     precision,
@@ -69,10 +77,12 @@ def serve(
     import time
 
     from medsr.cli.model import load_model
+    from medsr.io.limits import parse_size
     from medsr.serve.local import serve_bundle
     from medsr.serve.repository import RepositoryOptions
 
     started = time.monotonic()
+    max_request_bytes = parse_size(max_request_memory)
     bundle = load_model(model)
     options = RepositoryOptions(
         engine=engine,
@@ -81,6 +91,7 @@ def serve(
         threads=threads or 0,
         max_batch_size=max_batch,
         max_queue_size=max_queue,
+        max_request_bytes=max_request_bytes,
     )
 
     def ready(server) -> None:

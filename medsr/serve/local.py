@@ -6,7 +6,7 @@ serves a Python callable, but it fails every request of a dynamic batch when one
 runs that same server binary on the repository medsr.serve.repository writes, whose model answers each request on
 its own (medsr.serve.triton_model). The server is a child process: HTTP and gRPC (KServe v2), health and readiness
 (``/v2/health/live``, ``/v2/health/ready``), Prometheus metrics (``/metrics`` on the metrics port); SIGTERM or
-SIGINT stops it gracefully (no new requests, in-flight ones finish within ``exit_timeout`` seconds).
+SIGINT stops it gracefully (queued and running requests finish within ``exit_timeout`` seconds).
 """
 
 from __future__ import annotations
@@ -181,7 +181,7 @@ class LocalTriton:
         return self.process.wait() if self.process else 0
 
     def stop(self, grace: float | None = None) -> int:
-        """SIGTERM: tritonserver refuses new requests, lets in-flight ones finish, unloads the model and exits; killed
+        """SIGTERM: tritonserver lets queued and running requests finish, unloads the model and exits; killed
         if it has not exited ``grace`` seconds (default exit_timeout + 10) later. Returns its exit status."""
         if self.process is None:
             return 0

@@ -22,7 +22,7 @@ from medsr.bundle import MANIFEST_NAME, load_bundle
 from medsr.engine.precision import PRECISIONS
 from medsr.engine.sessions import ENGINES
 from medsr.errors import InputError, OutputError
-from medsr.serve.service import INPUT_NAME
+from medsr.serve.service import DEFAULT_MAX_REQUEST_BYTES, INPUT_NAME
 
 #: Engines a served model may run on (the PyTorch reference is no serving engine).
 SERVE_ENGINES = tuple(engine for engine in ENGINES if engine != "torch")
@@ -35,7 +35,8 @@ class RepositoryOptions:
     ``max_batch_size``: planes per engine run; ``preferred_batch_sizes`` and ``max_queue_delay_us``: how long the
     dynamic batcher waits to gather them; ``max_queue_size``: requests waiting beyond which Triton answers at once
     "Exceeds maximum queue size" (0: unbounded); ``instances``: model instances (each its own engine sessions);
-    ``threads``: intra-op threads of each instance (0: the available cores).
+    ``threads``: intra-op threads of each instance (0: the available cores); ``max_request_bytes``: the most memory
+    the image arrays of one request may need (medsr.serve.service.PlaneService; 0: no bound beyond the plane side).
     """
 
     name: str = "medsr"
@@ -48,6 +49,7 @@ class RepositoryOptions:
     preferred_batch_sizes: tuple[int, ...] = (4, 8, 16)
     max_queue_delay_us: int = 2000
     max_queue_size: int = 64
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
 
 
 def config_pbtxt(options: RepositoryOptions, bundle_parameter: str) -> str:
@@ -56,6 +58,8 @@ def config_pbtxt(options: RepositoryOptions, bundle_parameter: str) -> str:
         raise InputError(f"engine must be one of {', '.join(SERVE_ENGINES)}, got {options.engine!r}")
     if options.max_batch_size < 1 or options.instances < 1 or options.max_queue_size < 0:
         raise InputError("max_batch_size and instances must be >= 1, max_queue_size >= 0")
+    if options.max_request_bytes < 0:
+        raise InputError("max_request_bytes must be >= 0 (0: no bound)")
     allowed = PRECISIONS[options.engine]
     if options.precision not in allowed:
         raise InputError(f"engine {options.engine} runs {', '.join(allowed)}, got precision {options.precision}")
@@ -72,6 +76,7 @@ def config_pbtxt(options: RepositoryOptions, bundle_parameter: str) -> str:
         "device": options.device,
         "precision": options.precision,
         "threads": str(options.threads),
+        "max_request_bytes": str(options.max_request_bytes),
     }
     parameter_text = ",\n".join(
         f'  {{ key: "{key}" value: {{ string_value: "{value}" }} }}' for key, value in parameters.items()

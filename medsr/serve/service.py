@@ -27,6 +27,7 @@ from medsr.degrade import CONSISTENCY_MODES, check_consistency, consistency_resi
 from medsr.engine.pipeline import LatentSRPipeline, SamplingOptions
 from medsr.engine.volume import min_plane_side, window_percentiles
 from medsr.errors import InputError, MedsrError
+from medsr.io.limits import MemoryLimit, format_size
 from medsr.io.normalize import IntensityWindow, denormalize, fit_window, normalize
 
 #: Names of the model's tensors (config.pbtxt, the client).
@@ -39,6 +40,9 @@ _TRITON_PARAMETERS = frozenset({"sequence_id", "sequence_start", "sequence_end",
 #: Longest LR plane side a request may hold: bounds the memory of one request (planes above the tile size run in
 #: tiles, one plane at a time).
 MAX_SIDE = 2048
+#: Default bound on the image arrays of one request (medsr-serve --max-request-memory): 1 GiB holds 16 planes of
+#: 400 x 400 at x4 (820 MiB, medsr.io.limits.MemoryLimit.estimate) and refuses one plane of 2048 x 2048 (1.3 GiB).
+DEFAULT_MAX_REQUEST_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -101,14 +105,26 @@ class PlaneService:
         pipeline: the engine (its sessions stay open for the life of the service).
         tile_size, tile_overlap: as medsr-infer's --tile and --tile-overlap (planes with a side above ``tile_size``
             run in tiles, one plane at a time).
+        max_request_bytes: the most memory the image arrays of one request may need (input, normalized copy, SR
+            output; medsr.io.limits.MemoryLimit.estimate); a larger request is refused with an InputError before any
+            work, and the service goes on serving the others. None: no bound beyond MAX_SIDE.
     """
 
-    def __init__(self, pipeline: LatentSRPipeline, tile_size: int | None = 128, tile_overlap: int = 32):
+    def __init__(
+        self,
+        pipeline: LatentSRPipeline,
+        tile_size: int | None = 128,
+        tile_overlap: int = 32,
+        max_request_bytes: int | None = DEFAULT_MAX_REQUEST_BYTES,
+    ):
         self.pipeline = pipeline
         self.bundle = pipeline.bundle
         self.tile_size = tile_size
         self.tile_overlap = tile_overlap
         self.min_side = min_plane_side(self.bundle)
+        self.memory = None
+        if max_request_bytes is not None:
+            self.memory = MemoryLimit(max_request_bytes, self.bundle.scale, "the server's --max-request-memory")
 
     def parse(self, lr, parameters: Mapping | None = None) -> PlaneRequest:
         """Check one request's LR array and parameters; InputError names what is wrong."""
@@ -126,6 +142,13 @@ class PlaneService:
         if min(lr.shape[1:]) < self.min_side or max(lr.shape[1:]) > MAX_SIDE:
             raise InputError(
                 f"{INPUT_NAME} planes must have sides from {self.min_side} to {MAX_SIDE} pixels, got {lr.shape[1:]}"
+            )
+        if self.memory is not None and self.memory.estimate(lr.shape) > self.memory.max_bytes:
+            needed = self.memory.estimate(lr.shape)
+            raise InputError(
+                f"request of {lr.shape[0]} plane(s) of {lr.shape[1]} x {lr.shape[2]} needs about {format_size(needed)} "
+                f"to super-resolve x{self.memory.scale}, over the limit of {format_size(self.memory.max_bytes)} per "
+                f"request ({self.memory.source}); send fewer or smaller planes"
             )
         if not np.isfinite(lr).all():
             raise InputError(f"{INPUT_NAME} holds {int(np.size(lr) - np.isfinite(lr).sum())} NaN/Inf value(s)")
@@ -212,12 +235,18 @@ class PlaneService:
 
 
 def open_service(
-    bundle_dir, engine: str = "ort", device: str = "cpu", precision: str = "fp32", threads: int | None = None
+    bundle_dir,
+    engine: str = "ort",
+    device: str = "cpu",
+    precision: str = "fp32",
+    threads: int | None = None,
+    max_request_bytes: int | None = DEFAULT_MAX_REQUEST_BYTES,
 ) -> PlaneService:
-    """A PlaneService over the bundle at ``bundle_dir`` on ``engine`` (medsr.engine.sessions.ENGINES)."""
+    """A PlaneService over the bundle at ``bundle_dir`` on ``engine`` (medsr.engine.sessions.ENGINES); requests
+    whose image arrays need more than ``max_request_bytes`` are refused (None: no such bound)."""
     from medsr.bundle import load_bundle
     from medsr.engine.sessions import open_sessions
 
     bundle = load_bundle(bundle_dir)
     sessions = open_sessions(bundle, engine, device=device, threads=threads, precision=precision)
-    return PlaneService(LatentSRPipeline(bundle, sessions))
+    return PlaneService(LatentSRPipeline(bundle, sessions), max_request_bytes=max_request_bytes)

@@ -23,12 +23,16 @@ class TritonPythonModel:
         version_dir = os.path.join(args["model_repository"], args["model_version"])
         bundle = parameters.get("bundle") or "bundle"
         threads = int(parameters.get("threads") or 0) or None
+        bounds = {}  # max_request_bytes: absent in older repositories (the service's default), 0 for no bound
+        if "max_request_bytes" in parameters:
+            bounds["max_request_bytes"] = int(parameters["max_request_bytes"]) or None
         self.service = open_service(
             os.path.join(version_dir, bundle),
             engine=parameters.get("engine", "ort"),
             device=parameters.get("device", "cpu"),
             precision=parameters.get("precision", "fp32"),
             threads=threads,
+            **bounds,
         )
         self.input_name = config["input"][0]["name"]
 
