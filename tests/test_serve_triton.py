@@ -70,6 +70,22 @@ def reference(pipeline, lr, seed=0, steps=None, consistency=None, first_index=0,
     return denormalize(result.images, window), result.residuals[:, None], window
 
 
+def reference_for(pipeline, lr, params):
+    """`reference` for a request sent with the parameters ``params`` (the service's defaults where absent)."""
+    window = None
+    if "window_low" in params:
+        window = IntensityWindow(float(params["window_low"]), float(params["window_high"]))
+    return reference(
+        pipeline,
+        lr,
+        params.get("seed", 0),
+        params.get("steps"),
+        params.get("consistency"),
+        params.get("first_index", 0),
+        window,
+    )
+
+
 # --- the request contract and its batching, on the real engine (no Triton) -------------------------------------
 
 
@@ -93,18 +109,7 @@ def test_service_batches_requests_as_the_pipeline_runs_them_alone(pipeline):
     responses = service.run(requests)
     assert isinstance(responses.pop(1), InputError)
     for x, (_, params), response in zip(inputs, specs, responses):
-        window = None
-        if "window_low" in params:
-            window = IntensityWindow(float(params["window_low"]), float(params["window_high"]))
-        sr, residual, used = reference(
-            pipeline,
-            x,
-            params.get("seed", 0),
-            params.get("steps"),
-            params.get("consistency"),
-            params.get("first_index", 0),
-            window,
-        )
+        sr, residual, used = reference_for(pipeline, x, params)
         assert response.sr.dtype == np.float32 and response.sr.shape == (len(x), 4 * x.shape[1], 4 * x.shape[2])
         np.testing.assert_array_equal(response.sr, sr)
         np.testing.assert_array_equal(response.residual, residual.astype(np.float32))
@@ -331,18 +336,7 @@ def test_concurrent_mixed_requests_equal_the_pipeline_bit_for_bit(served, pipeli
     wall = time.monotonic() - started
     for x, (_, _, params), response in zip(inputs, specs, responses):
         assert isinstance(response, tuple), response
-        window = None
-        if "window_low" in params:
-            window = IntensityWindow(float(params["window_low"]), float(params["window_high"]))
-        sr, residual, used = reference(
-            pipeline,
-            x,
-            params.get("seed", 0),
-            params.get("steps"),
-            params.get("consistency"),
-            params.get("first_index", 0),
-            window,
-        )
+        sr, residual, used = reference_for(pipeline, x, params)
         np.testing.assert_array_equal(response[0], sr)
         np.testing.assert_array_equal(response[1], residual.astype(np.float32))
         np.testing.assert_array_equal(response[2], np.float32([[used.low, used.high]] * len(x)))
