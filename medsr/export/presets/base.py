@@ -37,6 +37,8 @@ class Preset:
             ``thick_slices`` degradation), the manifest's ``task.plane``.
         vae_checkpoint: which published VAE ``--vae-weights`` holds: a medsr.export.checkpoints.MEDVAE_MODELS name,
             "sd-vae", or None (medsr's own safetensors via ``--weights``).
+        scales: through-plane only: every factor the one network was trained for (``scale`` among them), its
+            degradation's FWHM scaling with the factor (FWHM / s as at ``scale``); empty: ``scale`` alone.
     """
 
     name: str
@@ -55,6 +57,26 @@ class Preset:
     conditioning: Conditioning = PAPER
     plane: str = IN_PLANE
     vae_checkpoint: str | None = None
+    scales: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.scales and (self.plane != THROUGH_PLANE or self.scale not in self.scales or min(self.scales) < 2):
+            raise ValueError(
+                f"preset {self.name}: scales {self.scales} need plane {THROUGH_PLANE!r}, factors >= 2 "
+                f"and the scale {self.scale} among them"
+            )
+
+    @property
+    def trained_scales(self) -> tuple[int, ...]:
+        """The factors this preset's network serves: ``scales``, or ``(scale,)``."""
+        return tuple(sorted(self.scales)) if self.scales else (self.scale,)
+
+    def degradation_at(self, scale: int) -> dict:
+        """The degradation dict at factor ``scale``: the preset's, with a thick-slice FWHM in proportion to s."""
+        degradation = dict(self.degradation or {})
+        if scale != self.scale and "fwhm" in degradation:
+            degradation["fwhm"] = degradation["fwhm"] * scale / self.scale
+        return {**degradation, "scale": scale} if degradation else degradation
 
     @property
     def vae_factor(self) -> int:

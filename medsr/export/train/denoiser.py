@@ -9,6 +9,7 @@ and training_target), so training and sampling cannot disagree on the schedule.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,35 +94,76 @@ def build_latent_cache(run_dir: Path, vae, preset: Preset, slices: list[Slice], 
     """(hr latents, conditioning latents), encoded once and stored in ``run_dir/latents.safetensors`` (reused if
     present). The conditioning latent is the LR crop's, or the HR-size crop of the whole LR slice's upsampling under
     the preset's ``upsampled_latent_concat`` conditioning (medsr.bundle.conditioning), as the engine encodes it.
-    A through-plane preset's LR crops are its thick slices along the crops' second axis (1 x s)."""
+    A through-plane preset's LR crops are its thick slices along the crops' second axis (1 x s).
+
+    A preset trained for several factors (``Preset.scales``) gets ``pairs / len(scales)`` crops per factor, each
+    of the smallest size >= ``crop`` that is a multiple of both s and ``lr_multiple``, and the cache holds one list
+    entry per factor: :func:`crop_batch` cuts every training sample to ``crop`` from them.
+    """
     from safetensors.torch import load_file, save_file
 
     path = run_dir / LATENT_CACHE
+    scales = preset.trained_scales
+    keys = [("hr", "lr")] if len(scales) == 1 else [(f"hr_x{s}", f"lr_x{s}") for s in scales]
     if path.is_file():
         cache = load_file(str(path))
-        return cache["hr"], cache["lr"]
-    multiple = preset.lr_multiple * preset.scale
-    if objective.crop % multiple:
-        raise ShapeError(f"denoiser crop {objective.crop} must be a multiple of lr_multiple * scale = {multiple}")
+        return _cache_entries(cache, keys)
     rng = np.random.default_rng([seed, 2**32 - 1])  # not a step's stream
     slices = with_contrast_copies(slices, objective.contrast_copies, np.random.default_rng([seed, 2**32 - 2]))
     conditioning = preset.conditioning
+    if len(scales) > 1 and conditioning.upsampler is None:
+        raise InputError(
+            f"preset {preset.name}: training factors {scales} at once needs the upsampled_latent_concat conditioning "
+            "(conditioning latents on the HR grid, the same size at every factor)"
+        )
     through_plane = preset.plane == THROUGH_PLANE  # the preset's thick slices along the crops' second axis
-    pairs = random_crop_pairs(
-        slices,
-        objective.pairs,
-        objective.crop,
-        preset.scale,
-        rng,
-        upsampler=conditioning.upsampler,
-        degradation=degradation_from_dict(preset.degradation) if through_plane else None,
-    )
-    condition = pairs.lr if conditioning.upsampler is None else pairs.upsampled
-    cache = {"hr": encode_latents(vae, pairs.hr, preset), "lr": encode_latents(vae, condition, preset)}
+    cache = {}
+    for scale, (hr_key, lr_key) in zip(scales, keys):
+        multiple = preset.lr_multiple * scale if len(scales) == 1 else math.lcm(preset.lr_multiple, scale)
+        crop = objective.crop if len(scales) == 1 else -(-objective.crop // multiple) * multiple
+        if crop % multiple:
+            raise ShapeError(f"denoiser crop {crop} must be a multiple of lr_multiple * scale = {multiple}")
+        pairs = random_crop_pairs(
+            slices,
+            objective.pairs // len(scales),
+            crop,
+            scale,
+            rng,
+            upsampler=conditioning.upsampler,
+            degradation=degradation_from_dict(preset.degradation_at(scale)) if through_plane else None,
+        )
+        condition = pairs.lr if conditioning.upsampler is None else pairs.upsampled
+        cache[hr_key] = encode_latents(vae, pairs.hr, preset)
+        cache[lr_key] = encode_latents(vae, condition, preset)
     run_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(path, overwrite=True) as tmp:
         save_file(cache, str(tmp))
-    return cache["hr"], cache["lr"]
+    return _cache_entries(cache, keys)
+
+
+def _cache_entries(cache: dict, keys: list[tuple[str, str]]):
+    """(hr, lr) tensors of a single-factor cache, or (hr list, lr list) over the factors of a multi-factor one."""
+    if len(keys) == 1:
+        return cache["hr"], cache["lr"]
+    return [cache[hr] for hr, _ in keys], [cache[lr] for _, lr in keys]
+
+
+def crop_batch(
+    hr: list[np.ndarray], lr: list[np.ndarray], size: int, batch: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """A batch of ``size`` x ``size`` latent windows (the crop / the VAE factor) of a multi-factor cache: each sample
+    picks a factor uniformly, a pair of it, and a window at a random offset, the same for its HR and conditioning
+    latents (both on the HR latent grid)."""
+    factors = rng.integers(0, len(hr), size=batch)
+    x0 = np.empty((batch, hr[0].shape[1], size, size), np.float32)
+    z_lr = np.empty((batch, lr[0].shape[1], size, size), np.float32)
+    for b, k in enumerate(factors):
+        n = int(rng.integers(len(hr[k])))
+        i = int(rng.integers(hr[k].shape[2] - size + 1))
+        j = int(rng.integers(hr[k].shape[3] - size + 1))
+        x0[b] = hr[k][n, :, i : i + size, j : j + size]
+        z_lr[b] = lr[k][n, :, i : i + size, j : j + size]
+    return x0, z_lr
 
 
 def sample_timesteps(
@@ -186,11 +228,22 @@ def train_denoiser(
     torch.manual_seed(loop.seed)
     unet = build_unet(preset.unet)
     model = ConditionedDenoiser(unet, preset.conditioning).to(device).train()
-    hr_np, lr_np = hr_latents.numpy(), lr_latents.numpy()
+    if isinstance(hr_latents, list):  # one entry per trained factor, windows cut per sample
+        hr_np, lr_np = [t.numpy() for t in hr_latents], [t.numpy() for t in lr_latents]
+
+        def draw(rng: np.random.Generator):
+            return crop_batch(hr_np, lr_np, objective.crop // preset.vae_factor, loop.batch_size, rng)
+
+    else:
+        hr_np, lr_np = hr_latents.numpy(), lr_latents.numpy()
+
+        def draw(rng: np.random.Generator):
+            index = rng.integers(0, len(hr_np), size=loop.batch_size)
+            return hr_np[index], lr_np[index]
 
     def loss_fn(step: int, rng: np.random.Generator, generator: torch.Generator):
-        index = rng.integers(0, len(hr_np), size=loop.batch_size)
-        return denoiser_loss(model, hr_np[index], lr_np[index], scheduler, objective, rng, device), {}
+        x0, z_lr = draw(rng)
+        return denoiser_loss(model, x0, z_lr, scheduler, objective, rng, device), {}
 
     extra = {
         "task": "denoiser",

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from medsr.bundle.manifest import THROUGH_PLANE
 from medsr.data.pairs import source_slices
 from medsr.data.sources import check_disjoint, default_split
+from medsr.errors import InputError
 from medsr.export.presets import get_preset
 from medsr.export.train.denoiser import DenoiserConfig, train_denoiser
 from medsr.export.train.evaluate import evaluate_bundle, markdown_table
@@ -46,12 +49,37 @@ class Recipe:
     )
 
 
-RECIPES = {"default": Recipe()}
+#: The bundled through-plane model (docs/through_plane_model.md): the default's VAE recipe on the 8-channel VAE,
+#: then one denoiser for factors 2 to 6 on thick-slice crops of the MRI training planes of every orientation.
+THROUGH_PLANE_RECIPE = Recipe(
+    preset="through-plane",
+    vae_loop=LoopConfig(
+        steps=2000, batch_size=16, lr=2e-3, min_lr=1e-5, warmup_steps=50, ema_decay=0.995, checkpoint_every=200
+    ),
+    denoiser_loop=LoopConfig(
+        steps=3000, batch_size=16, lr=1e-3, min_lr=1e-5, warmup_steps=100, ema_decay=0.995, checkpoint_every=100
+    ),
+    denoiser=DenoiserConfig(pairs=4000, crop=64, loss="l2", terminal_fraction=0.5, contrast_copies=1),
+)
+
+RECIPES = {"default": Recipe(), "through-plane": THROUGH_PLANE_RECIPE}
 
 
-def run_recipe(name: str, out_dir: Path, bundle_dir: Path, resume: bool, overwrite: bool, progress: bool) -> dict:
+def run_recipe(
+    name: str,
+    out_dir: Path,
+    bundle_dir: Path,
+    resume: bool,
+    overwrite: bool,
+    progress: bool,
+    heldout: Callable[[Path, Path, tuple[int, ...]], tuple[dict, str]] | None = None,
+) -> dict:
     """Train, export and evaluate recipe ``name`` in ``out_dir``; the bundle goes to ``bundle_dir``. A stage whose
-    output exists is skipped when resuming; an interrupted stage continues from its last checkpoint."""
+    output exists is skipped when resuming; an interrupted stage continues from its last checkpoint.
+
+    ``heldout(bundle_dir, report_dir, factors)`` evaluates a through-plane bundle on held-out volumes (``medsr-train
+    recipe`` passes ``medsr-eval through-plane``), giving (results, markdown table); in-plane recipes are evaluated
+    slice by slice here (medsr.export.train.evaluate)."""
     from medsr.export.builder import build_models
     from medsr.export.onnx import export_bundle
 
@@ -104,9 +132,15 @@ def run_recipe(name: str, out_dir: Path, bundle_dir: Path, resume: bool, overwri
     if kept is not None:
         notice.write_text(kept)
     timings["train_and_export_s"] = time.perf_counter() - started
-    results = evaluate_bundle(bundle_dir, split["heldout"])
+    if preset.plane == THROUGH_PLANE:
+        if heldout is None:
+            raise InputError(f"recipe {name}: a through-plane model needs its held-out evaluation (heldout=...)")
+        results, table = heldout(bundle_dir, out_dir / "heldout", preset.trained_scales)
+    else:
+        results = evaluate_bundle(bundle_dir, split["heldout"])
+        table = markdown_table(results)
     timings["total_s"] = time.perf_counter() - started
     summary = {"recipe": name, "timings": timings, "heldout": results, "threads": torch.get_num_threads()}
     (out_dir / "heldout.json").write_text(json.dumps(summary, indent=1) + "\n")
-    (out_dir / "heldout.md").write_text(markdown_table(results))
+    (out_dir / "heldout.md").write_text(table)
     return summary
