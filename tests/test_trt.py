@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import replace
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -15,13 +16,27 @@ from fresh_python import run_python
 from trt_fakes import TRT10, TRT11, FakeCuda, FakeCudart, fake_bundle, fake_tensorrt
 
 import medsr.engine.precision as precision_module
+from medsr.engine import trt_build
 from medsr.engine.cuda import CudaRuntime, GpuInfo
+from medsr.engine.mixed_precision import ISLAND_LEVELS
 from medsr.engine.precision import PRECISIONS
 from medsr.engine.profiles import ShapeProfile, choose_profile, graph_input_shapes, static_profiles
 from medsr.engine.trt import PlanCache, PlanKey, TrtSession, open_trt_sessions
-from medsr.engine.trt_build import RECIPES, build_plan, pin_fp32_layers, precision_plan, recipe_id, trt_features
+from medsr.engine.trt_build import (
+    RECIPES,
+    build_plan,
+    mixed_paths,
+    pin_fp32_layers,
+    precision_plan,
+    precision_report,
+    recipe_id,
+    trt_features,
+    trt_name,
+)
 from medsr.errors import BackendError, ShapeError
 
+#: The default model's denoiser, whose manifest (validation inputs) lies beside it.
+DEFAULT_DENOISER = Path(__file__).resolve().parents[1] / "medsr" / "models" / "default" / "denoiser.onnx"
 KEY = PlanKey(
     "denoiser", "ab" * 32, "fp16", recipe_id("fp16"), "1x3x64x64_1x3x16x16_1", "10.8.0", "NVIDIA H100 80GB HBM3", "9.0"
 )
@@ -347,9 +362,9 @@ def test_auto_keeps_fp16_only_where_the_end_to_end_probe_passes(tmp_path, monkey
 
 def test_precision_plans():
     assert precision_plan("fp32").clear_flags == ("TF32",)
-    assert "OBEY_PRECISION_CONSTRAINTS" in precision_plan("fp16").set_flags
-    assert set(precision_plan("fp16").fp32_layer_types) == {"NORMALIZATION", "SOFTMAX", "REDUCE"}
-    assert precision_plan("fp16-all").fp32_layer_types == () and precision_plan("bf16").set_flags == ("BF16",)
+    assert precision_plan("fp16").weak_flags == ("FP16", "OBEY_PRECISION_CONSTRAINTS")
+    assert precision_plan("fp16").island_levels == ISLAND_LEVELS and precision_plan("bf16").reduced == "bf16"
+    assert precision_plan("fp16-all").island_levels == () and precision_plan("fp16-all").weak_flags == ("FP16",)
     with pytest.raises(BackendError, match="must be one of"):
         precision_plan("int8")
     assert (*RECIPES, "auto") == PRECISIONS["trt"]  # one list: every precision but auto has a builder recipe
@@ -357,18 +372,25 @@ def test_precision_plans():
 
 
 def fake_network(version=TRT10):
-    """The fake network of a fake build on ``version`` and its layers (conv, groupnorm, softmax, 2-output mean)."""
+    """The fake network of a fake build on ``version`` and its layers (FAKE_LAYERS)."""
     trt = fake_tensorrt(version=version)
     network = trt.Builder(trt.Logger(trt.Logger.WARNING)).create_network(0)
     return trt, network, [network.get_layer(i) for i in range(network.num_layers)]
 
 
-def test_norms_and_softmax_are_pinned_to_fp32():
+def test_the_timestep_embedding_layers_are_pinned_not_the_norms():
+    """Layers are the islands' by node name or by the tensor they write (a constant layer of the frequencies)."""
     trt, network, layers = fake_network()
-    assert pin_fp32_layers(trt, network, precision_plan("fp16").fp32_layer_types) == ["groupnorm", "softmax", "mean"]
-    assert layers[0].precision is None and layers[1].precision == trt.float32
-    assert layers[3]._state["output_types"] == {0: trt.float32, 1: trt.float32}
-    assert pin_fp32_layers(trt, network, precision_plan("fp16-all").fp32_layer_types) == []
+    nodes = ("/unet/time_proj/Mul", "/unet/time_proj/Sin")
+    tensors = ("/unet/time_proj/Constant_1_output_0", "/unet/time_proj/Mul_output_0")
+    assert pin_fp32_layers(trt, network, nodes, tensors) == [
+        "constant_17",
+        "/unet/time_proj/Mul",
+        "/unet/time_proj/Sin",
+    ]
+    assert [layer._state["precision"] for layer in layers] == [trt.float32] * 3 + [None, None]
+    assert layers[2]._state["output_types"] == {0: trt.float32, 1: trt.float32}
+    assert pin_fp32_layers(trt, network, ()) == []
 
 
 def test_the_fake_of_tensorrt_11_has_no_weak_typing():
@@ -377,10 +399,11 @@ def test_the_fake_of_tensorrt_11_has_no_weak_typing():
     for missing in ("FP16", "BF16", "OBEY_PRECISION_CONSTRAINTS"):
         assert not hasattr(trt.BuilderFlag, missing)
     assert hasattr(trt.BuilderFlag, "TF32") and not hasattr(layers[1], "precision")
+    assert int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) == 1
     with pytest.raises(AttributeError):
         layers[1].set_output_type(0, trt.float32)
     with pytest.raises(AttributeError, match="ILayer"):
-        pin_fp32_layers(trt, network, precision_plan("fp16").fp32_layer_types)
+        pin_fp32_layers(trt, network, ("/unet/time_proj/Mul",))
 
 
 @pytest.mark.parametrize(
@@ -405,27 +428,19 @@ def test_supported_tensorrt_versions(version, ok):
     assert "pip install 'tensorrt>=10.8,<12'" in message
 
 
-def test_each_version_builds_the_precisions_it_has():
+def test_each_version_builds_every_precision():
     assert trt_features(TRT10).precisions == tuple(RECIPES) and trt_features(TRT10).weak_typing
-    assert trt_features(TRT11).precisions == ("fp32", "tf32") and not trt_features(TRT11).weak_typing
+    assert trt_features(TRT11).precisions == tuple(RECIPES) and not trt_features(TRT11).weak_typing
     assert set(trt_features(TRT11).api_names) < set(trt_features(TRT10).api_names)
 
 
-@pytest.mark.parametrize("precision", ["fp16", "fp16-all", "bf16", "auto"])
-def test_tensorrt_11_refuses_reduced_precisions_in_one_line(tmp_path, monkeypatch, precision):
-    """On 11.x, fp16/bf16 (and auto, which needs fp16) are one BackendError naming the version and what it runs,
-    before the GPU is touched, not an AttributeError on BuilderFlag.FP16."""
-    monkeypatch.setenv("MEDSR_CACHE", str(tmp_path / "cache"))
-    cuda = FakeCuda()
+def test_a_missing_tensorrt_name_is_one_line_naming_the_version():
+    trt = fake_tensorrt(version=TRT11)
+    assert trt_name(trt, "BuilderFlag.TF32") == "TF32"
     with pytest.raises(BackendError) as caught:
-        open_trt_sessions(fake_bundle(tmp_path / "b"), precision, trt=fake_tensorrt(cuda, TRT11), cuda=cuda)
+        trt_name(trt, "BuilderFlag.FP16")
     message = str(caught.value)
-    assert "\n" not in message and f"TensorRT {TRT11} runs --precision fp32, tf32" in message
-    assert f"not {precision}" in message and "pip install 'tensorrt>=10.8,<11'" in message
-    profile = static_profiles(fake_bundle(tmp_path / "b"), 1, 64, 64)["denoiser"]
-    if precision != "auto":
-        with pytest.raises(BackendError, match="runs --precision fp32, tf32"):
-            build_plan(fake_tensorrt(version=TRT11), tmp_path / "denoiser.onnx", profile, precision)
+    assert message == f"TensorRT {TRT11} has no BuilderFlag.FP16: pip install 'tensorrt>=10.8,<12'"
 
 
 def test_import_tensorrt_refuses_an_unsupported_version(monkeypatch):
@@ -442,30 +457,66 @@ def test_import_tensorrt_refuses_an_unsupported_version(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "version, precision, flags, cleared, pinned",
+    "version, precision, flags, cleared, pinned, strong",
     [
-        (TRT10, "fp16", ["FP16", "OBEY_PRECISION_CONSTRAINTS"], [], 3),
-        (TRT10, "bf16", ["BF16"], [], 0),
-        (TRT10, "fp32", [], ["TF32"], 0),
-        (TRT11, "fp32", [], ["TF32"], 0),
-        (TRT11, "tf32", ["TF32"], [], 0),
+        (TRT10, "fp16", ["FP16", "OBEY_PRECISION_CONSTRAINTS"], [], 3, False),  # the timestep embedding only
+        (TRT10, "fp16-all", ["FP16"], [], 0, False),
+        (TRT10, "bf16", ["BF16", "OBEY_PRECISION_CONSTRAINTS"], [], 3, False),
+        (TRT10, "fp32", [], ["TF32"], 0, False),
+        (TRT11, "fp32", [], ["TF32"], 0, False),
+        (TRT11, "tf32", ["TF32"], [], 0, False),
+        (TRT11, "fp16", [], [], 0, True),
+        (TRT11, "bf16", [], [], 0, True),
+        (TRT11, "fp16-all", [], [], 0, True),
     ],
 )
-def test_build_plan_sets_flags_profile_and_timing_cache(tmp_path, version, precision, flags, cleared, pinned):
+def test_build_plan_sets_flags_profile_and_timing_cache(tmp_path, version, precision, flags, cleared, pinned, strong):
+    """10.x: weak typing, the fp32 graph parsed and the islands' layers pinned; 11.x: the mixed graph parsed into a
+    STRONGLY_TYPED network, no weak-typing name touched (the fake has none). The decision is kept beside the plans."""
     trt = fake_tensorrt(version=version)
     profile = static_profiles(fake_bundle(tmp_path), 1, 64, 64)["denoiser"]
     cache = tmp_path / "engines" / "timing.cache"
-    plan = build_plan(trt, tmp_path / "denoiser.onnx", profile, precision, timing_cache=cache, workspace_bytes=1 << 30)
+    mixed_dir = tmp_path / "plans"
+    plan = build_plan(
+        trt, DEFAULT_DENOISER, profile, precision, timing_cache=cache, workspace_bytes=1 << 30, mixed_dir=mixed_dir
+    )
     assert plan == b"plan:denoiser"
     (build,) = trt._builds
-    assert build["flags"] == flags and build["cleared"] == cleared and build["network_flags"] == 0
+    assert build["flags"] == flags and build["cleared"] == cleared
+    assert build["network_flags"] == (1 << 1 if strong else 0)
+    assert build["parsed"] == str(
+        mixed_paths(mixed_dir, DEFAULT_DENOISER, precision)[0] if strong else DEFAULT_DENOISER
+    )
     assert build["pool"] == (trt.MemoryPoolType.WORKSPACE, 1 << 30)
     assert sum(layer._state["precision"] is not None for layer in build["layers"]) == pinned
     assert build["cache_in"] == [b""] and cache.read_bytes() == b"timings" and build["profiles"] == 1
     assert build["shapes"][0] == ("sample", (1, 3, 64, 64), (1, 3, 64, 64), (1, 3, 64, 64))
+    report = precision_report(mixed_dir, DEFAULT_DENOISER, precision)
+    if precision in ("fp16", "bf16"):
+        assert report["precision"] == precision and report["level"] == "timestep-embedding"
+        assert "/unet/time_proj/Sin" in report["fp32_nodes"]
     trt.OnnxParser.errors = ("Unsupported operator GridSample",)
-    with pytest.raises(BackendError, match="could not parse denoiser.onnx: Unsupported operator GridSample"):
-        build_plan(trt, tmp_path / "denoiser.onnx", profile, precision)
+    with pytest.raises(BackendError, match="could not parse denoiser.*onnx: Unsupported operator GridSample"):
+        build_plan(trt, DEFAULT_DENOISER, profile, precision, mixed_dir=mixed_dir)
+    trt.OnnxParser.errors = ()
+
+
+def test_a_graph_that_fails_every_island_builds_as_fp32(tmp_path, monkeypatch):
+    """The gate's fp32 fallback (a threshold nothing reaches): no reduced flag, TF32 cleared, the fp32 graph parsed
+    weakly typed on both versions, and the report says fp32 with every level measured."""
+    from medsr.engine import mixed_precision
+
+    real = mixed_precision.decide_islands
+    monkeypatch.setattr(trt_build, "decide_islands", lambda *a: real(*a, threshold_db=500.0))
+    profile = static_profiles(fake_bundle(tmp_path), 1, 64, 64)["denoiser"]
+    for version in (TRT10, TRT11):
+        trt = fake_tensorrt(version=version)
+        build_plan(trt, DEFAULT_DENOISER, profile, "fp16", mixed_dir=tmp_path / version)
+        (build,) = trt._builds
+        assert build["flags"] == [] and build["cleared"] == ["TF32"] and build["network_flags"] == 0
+        assert build["parsed"] == str(DEFAULT_DENOISER)
+        report = precision_report(tmp_path / version, DEFAULT_DENOISER, "fp16")
+        assert report["precision"] == "fp32" and report["fp32_nodes"] == [] and len(report["parity_db"]) == 3
 
 
 def test_a_refused_timing_cache_is_replaced_with_a_warning(tmp_path):
@@ -476,12 +527,12 @@ def test_a_refused_timing_cache_is_replaced_with_a_warning(tmp_path):
     cache.write_bytes(b"from another GPU")
     trt = fake_tensorrt(refuse_timing_cache=1)
     with pytest.warns(UserWarning, match="refused the timing cache .*timing.cache.*building with a new one"):
-        build_plan(trt, tmp_path / "denoiser.onnx", profile, "fp16", timing_cache=cache)
+        build_plan(trt, tmp_path / "denoiser.onnx", profile, "fp32", timing_cache=cache)
     assert trt._builds[0]["cache_in"] == [b"from another GPU", b""] and cache.read_bytes() == b"timings"
     cache.write_bytes(b"from another GPU")
     trt = fake_tensorrt(refuse_timing_cache=2)
     with pytest.warns(UserWarning) as caught:
-        assert build_plan(trt, tmp_path / "denoiser.onnx", profile, "fp16", timing_cache=cache) == b"plan:denoiser"
+        assert build_plan(trt, tmp_path / "denoiser.onnx", profile, "fp32", timing_cache=cache) == b"plan:denoiser"
     assert "building without one" in str(caught[-1].message) and cache.read_bytes() == b"from another GPU"
 
 
@@ -599,3 +650,29 @@ def test_cuda_runtime_round_trip_and_capture_bookkeeping():
     cuda.destroy_graph(graph)
     cuda.free_pinned(address)
     assert cudart._host == {}
+
+
+def test_each_graphs_precision_decision_reaches_the_provenance(tmp_path, monkeypatch):
+    """A TensorRT session reports what its graph runs as (precision, fp32 islands, parity), and the provenance of
+    every output carries the report of each graph; a graph with no decision yet reports its precision alone."""
+    import json as json_module
+
+    from medsr.engine.jobs import _precision_reports
+    from medsr.engine.trt_build import mixed_paths
+
+    monkeypatch.setenv("MEDSR_CACHE", str(tmp_path / "cache"))
+    cuda = FakeCuda()
+    bundle = fake_bundle(tmp_path / "bundle")
+    sessions = open_trt_sessions(
+        bundle, {"vae_encoder": "fp32", "vae_decoder": "fp32", "denoiser": "fp16"}, trt=fake_tensorrt(cuda), cuda=cuda
+    )
+    assert sessions["vae_encoder"].precision_report["precision"] == "fp32"
+    assert sessions["denoiser"].precision_report["fp32_nodes"] == []
+    denoiser = sessions["denoiser"]
+    decision = {"precision": "fp16", "level": "embedding", "fp32_nodes": ["/unet/time_proj/Sin"]}
+    decision |= {"parity_db": {"embedding": 88.1}, "note": "measured"}
+    path = mixed_paths(denoiser.cache.root, denoiser.entry.path, "fp16")[1]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json_module.dumps(decision))
+    reports = _precision_reports(type("Pipeline", (), {"sessions": sessions})())
+    assert reports["denoiser"] == decision and set(reports) == set(sessions)

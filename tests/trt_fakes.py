@@ -249,16 +249,29 @@ class FakeEngine(Surface):
         return FakeContext(self._all, self)
 
 
+class FakeTensor(Surface):
+    _trt_class = "ITensor"
+    name = None  # an instance attribute, declared for the class view of the module
+
+    def __init__(self, allowed, name):
+        super().__init__(allowed)
+        self.name = name
+
+
 class FakeLayer(Surface):
     """A network layer; ``precision`` and ``set_output_type`` exist only where the version has weak typing."""
 
     _trt_class = "ILayer"
     name = type = num_outputs = precision = None  # instance attributes, declared for the class view of the module
 
-    def __init__(self, allowed, name, kind, outputs=1):
+    def __init__(self, allowed, name, kind, outputs=()):
         super().__init__(allowed)
         object.__setattr__(self, "_state", {"precision": None, "output_types": {}})
-        self.name, self.type, self.num_outputs = name, kind, outputs
+        object.__setattr__(self, "_outputs", [FakeTensor(allowed, tensor) for tensor in outputs])
+        self.name, self.type, self.num_outputs = name, kind, len(outputs)
+
+    def get_output(self, index):
+        return self._outputs[index]
 
     def __getattribute__(self, name):
         if name == "precision":
@@ -277,19 +290,22 @@ class FakeLayer(Surface):
         self._state["output_types"][index] = dtype
 
 
-#: The layers of the fake network every fake build parses: one of each type medsr pins, and one it does not.
+#: The layers of the fake network every fake build parses, as TensorRT's ONNX parser names them for the default
+#: denoiser: a constant layer (named after nothing medsr knows, writing the frequencies initializer), the layers of
+#: two timestep-embedding nodes (named by node; the Sin with a second output), a GroupNorm and a convolution.
 FAKE_LAYERS = (
-    ("conv", "CONVOLUTION", 1),
-    ("groupnorm", "NORMALIZATION", 1),
-    ("softmax", "SOFTMAX", 1),
-    ("mean", "REDUCE", 2),
+    ("constant_17", "CONSTANT", ("/unet/time_proj/Constant_1_output_0",)),
+    ("/unet/time_proj/Mul", "ELEMENTWISE", ("/unet/time_proj/Mul_output_0",)),
+    ("/unet/time_proj/Sin", "UNARY", ("/unet/time_proj/Sin_output_0", "extra")),
+    ("/unet/conv_in/Conv", "CONVOLUTION", ("/unet/conv_in/Conv_output_0",)),
+    ("groupnorm", "NORMALIZATION", ("/unet/down_blocks.0/resnets.0/norm1/InstanceNormalization_output_0",)),
 )
 
 
 def fake_tensorrt(cuda: FakeCuda | None = None, version: str = TRT10, refuse_timing_cache: int = 0):
     """A tensorrt-like module of ``version`` with exactly the names medsr uses there. Plans are b"plan:<graph>" and
     deserialize to FakeEngine on ``cuda``; Builder/OnnxParser/IBuilderConfig record what a build set in ``_builds``
-    (one dict per build: flags, cleared, shapes, cache_in, layers, network_flags); ``refuse_timing_cache``: the
+    (one dict per build: flags, cleared, shapes, cache_in, layers, network_flags, parsed: the ONNX path); ``refuse_timing_cache``: the
     number of set_timing_cache calls that return False (a cache from another GPU or TensorRT)."""
     cuda = cuda or FakeCuda()
     allowed = _members(version)
@@ -378,7 +394,7 @@ def fake_tensorrt(cuda: FakeCuda | None = None, version: str = TRT10, refuse_tim
 
         def __init__(self, record):
             super().__init__(allowed)
-            self._layers = [FakeLayer(allowed, *spec) for spec in FAKE_LAYERS]
+            self._layers = [FakeLayer(allowed, *spec) for spec in FAKE_LAYERS]  # whichever graph was parsed
             record["layers"] = self._layers
 
         @property
@@ -394,7 +410,7 @@ def fake_tensorrt(cuda: FakeCuda | None = None, version: str = TRT10, refuse_tim
         def __init__(self, logger):
             super().__init__(allowed)
             assert isinstance(logger, Logger)
-            self._record = {"flags": [], "cleared": [], "shapes": [], "cache_in": [], "profiles": 0}
+            self._record = {"flags": [], "cleared": [], "shapes": [], "cache_in": [], "profiles": 0, "parsed": None}
             builds.append(self._record)
 
         def create_network(self, flags=0):
@@ -419,6 +435,7 @@ def fake_tensorrt(cuda: FakeCuda | None = None, version: str = TRT10, refuse_tim
             assert isinstance(logger, Logger)
 
         def parse_from_file(self, path):
+            builds[-1]["parsed"] = path
             return not OnnxParser.errors
 
         @property
@@ -432,7 +449,7 @@ def fake_tensorrt(cuda: FakeCuda | None = None, version: str = TRT10, refuse_tim
         members = {name: getattr(cls, name) for name in dir(cls) if not name.startswith("_")}
         return strict_namespace(cls._trt_class, allowed.get(cls._trt_class, set()), **members)
 
-    classes = (FakeEngine, FakeContext, FakeLayer, Network, Config, TimingCache, Profile)
+    classes = (FakeEngine, FakeContext, FakeLayer, FakeTensor, Network, Config, TimingCache, Profile)
     module = strict_namespace(
         f"module tensorrt {version}",
         allowed[""],
@@ -445,7 +462,7 @@ def fake_tensorrt(cuda: FakeCuda | None = None, version: str = TRT10, refuse_tim
         Builder=Builder,
         OnnxParser=OnnxParser,
         TensorIOMode=enum("TensorIOMode", INPUT="in", OUTPUT="out"),
-        LayerType=enum("LayerType", NORMALIZATION="NORMALIZATION", SOFTMAX="SOFTMAX", REDUCE="REDUCE"),
+        NetworkDefinitionCreationFlag=enum("NetworkDefinitionCreationFlag", STRONGLY_TYPED=1),
         MemoryPoolType=enum("MemoryPoolType", WORKSPACE="WORKSPACE"),
         BuilderFlag=enum(
             "BuilderFlag",

@@ -10,6 +10,10 @@ not depend on the batch size or on which other slices share its batch. With shar
 every slice of one stack (one orientation of a volume) draws from ``np.random.default_rng([seed, stack])`` instead:
 the same field for every slice, still batch-independent (docs/conventions.md, seeds).
 
+Device-resident sampling: when the denoiser session can bind its inputs and outputs to buffers on its device
+(``bind``, medsr.engine.device_loop), the latents stay there for the whole loop and the scheduler's coefficients are
+applied on the device; other sessions loop through the host. Both give the same latents.
+
 Shapes: an in-plane task maps (N, h, w) LR slices to (N, s*h, s*w); a through-plane task maps (N, h, w) planes
 whose second axis is the slice direction to (N, h, s*w) (``bundle.factors``).
 """
@@ -23,8 +27,9 @@ import numpy as np
 
 from medsr.bundle import Bundle
 from medsr.degrade import apply_consistency, check_consistency, consistency_residual
+from medsr.engine.device_loop import sample_on_device
 from medsr.engine.schedulers import SchedulerConfig, make_scheduler
-from medsr.engine.sessions import Session
+from medsr.engine.sessions import Session, run_outputs
 from medsr.engine.tiling import check_tile_options, super_resolve_tiled
 from medsr.errors import InputError, NonFiniteError, ShapeError
 
@@ -217,15 +222,16 @@ class LatentSRPipeline:
 
         ``eps``: the posterior's standard normal noise, instead of drawing it from ``rngs`` (tiles pass crops).
         """
-        moments = self.sessions["vae_encoder"].run({"image": image})
-        mean, logvar = moments["latent_mean"], moments["latent_logvar"]
+        if lr_latent not in ("mean", "sample"):
+            raise ShapeError(f"lr_latent must be 'mean' or 'sample', got {lr_latent!r}")
+        names = ("latent_mean", "latent_logvar") if lr_latent == "sample" else ("latent_mean",)
+        moments = run_outputs(self.sessions["vae_encoder"], {"image": image}, names)
+        mean = moments["latent_mean"]
         _check_finite("vae_encoder", mean)
         if lr_latent == "sample":
             if eps is None:
                 eps = np.stack([rng.standard_normal(mean.shape[1:], dtype=np.float32) for rng in rngs])
-            mean = mean + np.exp(0.5 * logvar) * eps
-        elif lr_latent != "mean":
-            raise ShapeError(f"lr_latent must be 'mean' or 'sample', got {lr_latent!r}")
+            mean = mean + np.exp(0.5 * moments["latent_logvar"]) * eps
         return ((mean - self.shift_factor) * self.scaling_factor).astype(np.float32)
 
     def denoise(
@@ -261,11 +267,25 @@ class LatentSRPipeline:
 
         ``draw_noise()`` gives each step's noise for stochastic samplers; the denoiser runs on at most ``chunk`` items
         at a time (all of them when None), while the scheduler steps the whole stack at once.
+
+        A denoiser with ``bind`` keeps the latents on its device (medsr.engine.device_loop) and the final latent is
+        checked for NaN/Inf once; otherwise each step's output crosses to the host and is checked there.
         """
         scheduler = make_scheduler(self.scheduler_config)
         scheduler.set_timesteps(steps or self.scheduler_config.default_steps)
         sample = (noise * np.float32(scheduler.init_noise_sigma)).astype(np.float32)
         chunk = chunk or sample.shape[0]
+        bind = getattr(self.sessions["denoiser"], "bind", None)
+        if bind is not None:
+
+            def emit(k: int, output: np.ndarray) -> None:
+                _emit(trace, f"denoiser_output[{k}]", indices, output)
+
+            latent = sample_on_device(scheduler, bind, z_lr, sample, draw_noise, chunk, emit if trace else None)
+            if latent is not None:
+                steps_run = len(scheduler.timesteps)
+                _check_finite(f"denoising loop ({steps_run} steps on the device, checked at its end)", latent)
+                return latent
         for k, t in enumerate(scheduler.timesteps):
             output = np.concatenate(
                 [

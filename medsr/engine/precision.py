@@ -3,7 +3,8 @@
 ``PRECISIONS`` is the single list every ``--precision`` / ``--trt-precision`` option and every engine checks
 against. ONNX Runtime and the torch reference run the bundle's fp32 graphs only (ONNX Runtime has no bf16 path on
 x86 CPUs). OpenVINO runs fp32 or bf16 on a CPU's bf16 units (medsr.engine.openvino); TensorRT runs the builder
-recipes of medsr.engine.trt_build (fp32, tf32, fp16 with normalizations pinned to fp32, fp16 everywhere, bf16).
+recipes of medsr.engine.trt_build (fp32, tf32, fp16 and bf16 with fp32 islands decided by :func:`first_passing`,
+fp16 everywhere).
 
 ``auto`` (OpenVINO and TensorRT) is decided by :func:`choose_mixed`: as many graphs in the engine's reduced
 precision as keep the pipeline's SR output within ``AUTO_THRESHOLD_DB`` + ``AUTO_MARGIN_DB`` of the same engine in
@@ -29,8 +30,8 @@ PRECISIONS: dict[str, tuple[str, ...]] = {
     "trt": ("fp32", "tf32", "fp16", "fp16-all", "bf16", AUTO),
     "openvino": ("fp32", "bf16", AUTO),
 }
-#: The reduced precision ``auto`` tries per graph before fp32: bf16 on OpenVINO (the CPU's bf16 units); fp16 with
-#: normalizations pinned to fp32 on TensorRT (full fp16 overflows in GroupNorm; bf16 has 3 fewer mantissa bits).
+#: The reduced precision ``auto`` tries per graph before fp32: bf16 on OpenVINO (the CPU's bf16 units); fp16 with its
+#: fp32 islands on TensorRT (bf16 has 3 fewer mantissa bits).
 AUTO_REDUCED = {"openvino": "bf16", "trt": "fp16"}
 #: Parity (dB, SR output of the mixed-precision pipeline vs all-fp32) that ``auto`` requires to keep reduced graphs.
 AUTO_THRESHOLD_DB = 40.0
@@ -47,6 +48,21 @@ def precision_choices(*engines: str) -> tuple[str, ...]:
 def describe_precisions(*engines: str) -> str:
     """``"ort: fp32; openvino: fp32, bf16, auto; ..."``, for help texts."""
     return "; ".join(f"{engine}: {', '.join(PRECISIONS[engine])}" for engine in engines)
+
+
+def first_passing(
+    candidates: list, parity: Callable[[object], float], threshold_db: float = AUTO_THRESHOLD_DB
+) -> tuple[object | None, dict]:
+    """The first of ``candidates`` (ordered from the most reduced) whose ``parity(candidate)`` (PSNR in dB against
+    fp32) clears ``threshold_db`` + AUTO_MARGIN_DB, and {candidate: parity} for each one tried; None when none
+    does (the caller stays fp32). The one gate of :func:`choose_mixed` and of the fp32 islands of
+    medsr.engine.mixed_precision."""
+    tried = {}
+    for candidate in candidates:
+        tried[candidate] = parity(candidate)
+        if tried[candidate] >= threshold_db + AUTO_MARGIN_DB:
+            return candidate, tried
+    return None, tried
 
 
 def probe_output(bundle, sessions: dict) -> np.ndarray:
@@ -85,11 +101,16 @@ def choose_mixed(
     reference = output(bundle, opened["fp32"])
     graphs = list(opened["fp32"])
     mixes = sorted(itertools.product((reduced, "fp32"), repeat=len(graphs)), key=lambda mix: mix.count("fp32"))
-    for mix in mixes[:-1]:  # the last one is all-fp32, the reference itself
+
+    def sessions_of(mix) -> dict:
         if reduced not in opened:
             opened[reduced] = open_at(reduced)
-        sessions = {graph: opened[precision][graph] for graph, precision in zip(graphs, mix)}
-        parity = compare_arrays(output(bundle, sessions), reference)["psnr_db"]
-        if parity >= threshold_db + AUTO_MARGIN_DB:
-            return sessions, dict(zip(graphs, mix)), parity
-    return opened["fp32"], dict.fromkeys(graphs, "fp32"), float("inf")
+        return {graph: opened[precision][graph] for graph, precision in zip(graphs, mix)}
+
+    def parity(mix) -> float:
+        return compare_arrays(output(bundle, sessions_of(mix)), reference)["psnr_db"]
+
+    mix, tried = first_passing(mixes[:-1], parity, threshold_db)  # the last mix is all-fp32, the reference itself
+    if mix is None:
+        return opened["fp32"], dict.fromkeys(graphs, "fp32"), float("inf")
+    return sessions_of(mix), dict(zip(graphs, mix)), tried[mix]

@@ -16,11 +16,15 @@ size (a volume's last batch) is padded to it by repeating its last item, and the
 building another plan for minutes; the graphs treat the items of a batch independently, so the real items' results
 do not change. Every executor of a plan shares its one deserialized ICudaEngine (several execution contexts, used
 one after the other on the session's stream), so a plan's weights sit on the GPU once (docs/sources.md, "GPU
-engines"). Activations and weights never leave the GPU; the latent (B x C x h x w float32, 48 KB for one
-256x256 slice of a f=4 model) crosses to the host and back once per step because the scheduler is NumPy by design.
+engines"). Activations and weights never leave the GPU. With CuPy installed, the denoising loop binds an executor's
+device buffers (:meth:`TrtSession.bind`, medsr.engine.device_loop) and the latents stay on the GPU for the whole loop:
+the NumPy scheduler's coefficients are applied by CuPy on the session's stream, and for a static shape the engine
+alone is captured as a CUDA graph and replayed each step. Without CuPy, the latent (B x C x h x w float32, 48 KB for
+one 256x256 slice of a f=4 model) crosses to the host and back once per step, with one warning naming the package.
 TensorRT and cuda-python are imported only here, on first use; a missing package or GPU is a BackendError. TensorRT
-10.8 to 11.x is supported (medsr.engine.trt_build.trt_features): 11.x has no weak typing and builds fp32 and tf32
-only, so fp16, bf16 and auto are refused there in one line before anything is built.
+10.8 to 11.x is supported (medsr.engine.trt_build.trt_features): fp16 and bf16 build from a mixed-precision ONNX
+with fp32 islands chosen by the parity gate (medsr.engine.mixed_precision), strongly typed on 11.x, with pinned
+layers on 10.x; :attr:`TrtSession.precision_report` says what was decided, for outputs' provenance.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import numpy as np
 from medsr.bundle.cache import engine_dir, runtime_dir, usable_dir
 from medsr.bundle.graphs import GRAPHS
 from medsr.engine.cuda import GPU_EXTRA_HINT, CudaRuntime, GpuInfo
+from medsr.engine.device_loop import CupyArrays, import_cupy, warn_without_cupy
 from medsr.engine.precision import AUTO, AUTO_REDUCED, PRECISIONS, choose_mixed
 from medsr.engine.profiles import Shape, ShapeProfile, choose_profile
 from medsr.engine.trt_build import INSTALL_HINT, recipe_id, trt_features, trt_logger
@@ -174,7 +179,8 @@ class PlanExecutor:
         self.runtime, self.engine = loaded.runtime, loaded.engine
         self.context = self.activate()
         self.buffers: dict[str, tuple[int, int, np.ndarray]] = {}
-        self.graph = None
+        self.graph = None  # copies in, engine, copies out (infer)
+        self.device_graph = None  # the engine alone, on the device buffers as they are (execute_device)
         self.allocate()
 
     def activate(self):
@@ -201,12 +207,15 @@ class PlanExecutor:
             self.buffers[name] = (device, host_address, host)
         self.input_names, self.output_names = tuple(inputs), tuple(outputs)
 
+    def _execute(self) -> None:
+        if not self.context.execute_async_v3(self.cuda.stream_handle):
+            raise BackendError("TensorRT execution failed (execute_async_v3 returned False)")
+
     def _enqueue(self) -> None:
         for name in self.input_names:
             device, host_address, host = self.buffers[name]
             self.cuda.copy_to_device(device, host_address, host.nbytes)
-        if not self.context.execute_async_v3(self.cuda.stream_handle):
-            raise BackendError("TensorRT execution failed (execute_async_v3 returned False)")
+        self._execute()
         for name in self.output_names:
             device, host_address, host = self.buffers[name]
             self.cuda.copy_to_host(host_address, device, host.nbytes)
@@ -220,27 +229,64 @@ class PlanExecutor:
         else:
             self._enqueue()
             if self.use_graph:  # the first run did TensorRT's lazy setup; capture the next ones
-                self.cuda.synchronize()
-                self.cuda.begin_capture()
-                try:
-                    self._enqueue()
-                except BaseException:
-                    self.cuda.abort_capture()  # leave capture mode, or the stream refuses all later work
-                    raise
-                self.graph = self.cuda.end_capture()
+                self.graph = self._capture(self._enqueue)
                 self.cuda.launch(self.graph)
         self.cuda.synchronize()
         return {name: self.buffers[name][2].copy() for name in self.output_names}
 
+    def execute_device(self) -> None:
+        """Run the engine on the device buffers as they are, queued on the stream (no host copy, no
+        synchronization): the first call runs it directly (TensorRT's lazy setup) and, for a static shape,
+        captures it as a CUDA graph that every later call replays."""
+        if self.device_graph is not None:
+            self.cuda.launch(self.device_graph)
+            return
+        self._execute()
+        if self.use_graph:
+            self.device_graph = self._capture(self._execute)
+
+    def _capture(self, work):
+        """``work`` recorded as an executable CUDA graph (not run)."""
+        self.cuda.synchronize()
+        self.cuda.begin_capture()
+        try:
+            work()
+        except BaseException:
+            self.cuda.abort_capture()  # leave capture mode, or the stream refuses all later work
+            raise
+        return self.cuda.end_capture()
+
     def close(self) -> None:
-        if self.graph is not None:
-            self.cuda.destroy_graph(self.graph)
-            self.graph = None
+        for graph in (self.graph, self.device_graph):
+            if graph is not None:
+                self.cuda.destroy_graph(graph)
+        self.graph = self.device_graph = None
         for device, host_address, _ in self.buffers.values():
             self.cuda.free(device)
             self.cuda.free_pinned(host_address)
         self.buffers.clear()
         self.context = self.engine = self.runtime = None  # the context first: it must not outlive its engine
+
+
+class TrtBinding:
+    """An executor's device buffers as a medsr.engine.device_loop.BoundGraph: array views (CuPy on the GPU) of
+    the first ``batch`` items of each, so that a batch padded to a larger plan sees only its own items; the
+    padding items start at zero (finite) and the graphs keep them apart from the real ones."""
+
+    def __init__(self, executor: PlanExecutor, arrays, batch: int, outputs):
+        self.arrays, self._executor = arrays, executor
+        with arrays.active():
+            views = {
+                name: arrays.view(device, host.shape, host.dtype)
+                for name, (device, _, host) in executor.buffers.items()
+            }
+            for view in views.values():
+                view.fill(0)
+        self.inputs = {name: views[name][:batch] for name in executor.input_names}
+        self.outputs = {name: views[name][:batch] for name in outputs}
+
+    def run(self) -> None:
+        self._executor.execute_device()
 
 
 class TrtSession:
@@ -290,11 +336,21 @@ class TrtSession:
         self._executors: dict[tuple, PlanExecutor] = {}
         self._loaded: dict[str, LoadedPlan] = {}  # profile tag -> the one engine of that plan
         self._targets: dict[tuple, dict[str, Shape]] = {}  # input shapes -> the shapes they run at (padded_shapes)
+        self.arrays = None  # what bind views the device buffers with: CuPy on the session's stream, made on first use
+        self._bindings: dict[tuple, TrtBinding] = {}
+
+    @property
+    def precision_report(self) -> dict:
+        """What this graph runs as built (medsr.engine.trt_build.precision_report): its precision, fp32 islands and
+        their parity; every output's provenance carries it."""
+        from medsr.engine.trt_build import precision_report
+
+        return precision_report(self.cache.root, self.entry.path, self.precision)
 
     def _default_builder(self, onnx_path, profile: ShapeProfile, precision: str) -> bytes:
         from medsr.engine.trt_build import build_plan
 
-        return build_plan(self.trt, onnx_path, profile, precision, timing_cache=self.timing_cache)
+        return build_plan(self.trt, onnx_path, profile, precision, self.timing_cache, mixed_dir=self.cache.root)
 
     def key(self, profile: ShapeProfile) -> PlanKey:
         return PlanKey(
@@ -405,7 +461,23 @@ class TrtSession:
         padded = {name: _pad_batch(np.asarray(feeds[name]), target[name][0]) for name in self.input_names}
         return {name: out[:batch] for name, out in self.executor(target).infer(padded).items()}
 
+    def bind(self, inputs: dict[str, Shape], outputs: dict[str, Shape]) -> TrtBinding | None:
+        """The device buffers of the executor these input shapes run on (padded like :meth:`run`), as arrays the
+        denoising loop keeps its latents in; None, with one warning, when CuPy is not installed."""
+        if self.arrays is None:
+            cupy = import_cupy()
+            if cupy is None:
+                warn_without_cupy("TensorRT")
+                return None
+            self.arrays = CupyArrays(cupy, cupy.cuda.ExternalStream(self.cuda.stream_handle))
+        signature = tuple(inputs[name] for name in self.input_names)
+        if signature not in self._bindings:
+            executor = self.executor(self.padded_shapes(inputs))
+            self._bindings[signature] = TrtBinding(executor, self.arrays, signature[0][0], outputs)
+        return self._bindings[signature]
+
     def close(self) -> None:
+        self._bindings.clear()
         for executor in self._executors.values():
             executor.close()
         self._executors.clear()
@@ -462,7 +534,7 @@ def open_trt_sessions(
         raise BackendError(f"TensorRT precision must be one of {', '.join(PRECISIONS['trt'])}, got {bad}")
     features = trt_features(trt.__version__)
     for chosen in dict.fromkeys(precisions.values()):
-        features.check_precision(chosen)  # before the GPU is touched: fp16/bf16 need TensorRT 10.x
+        features.check_precision(chosen)  # before the GPU is touched
     cuda = cuda or CudaRuntime()
     gpu = cuda.gpu()
     device = gpu_folder(gpu)

@@ -5,21 +5,23 @@ Precisions (``--precision`` of ``--engine trt``, medsr.engine.precision.PRECISIO
 
 - ``fp32``: strict fp32 (TF32 off).
 - ``tf32``: fp32 storage, TF32 tensor-core matrix products.
-- ``fp16``: fp16 kernels, but normalization layers (GroupNorm/InstanceNorm/LayerNorm, which TensorRT parses into
-  normalization layers), softmax and reductions are pinned to fp32: their sums of squares overflow fp16 and turn
-  VAE images into NaN or black (docs/sources.md, "Deployment engines").
+- ``fp16``: fp16 but for fp32 islands decided per graph by measurement (medsr.engine.mixed_precision): the
+  timestep embedding first (fp16 cannot represent 999 x freq closely), widened when the graph's parity gate fails,
+  fp32 for the whole graph when no island passes. Normalization layers are not pinned: TensorRT computes them in
+  fp32 already (docs/sources.md, "GPU engines").
 - ``fp16-all``: fp16 everywhere (fastest; only where parity allows it).
-- ``bf16``: bf16 kernels (fp32 range: no overflow pinning needed), Ampere and newer.
+- ``bf16``: bf16 with the same islands (unmeasured: ONNX Runtime has no bf16 CPU kernels), Ampere and newer.
 - ``auto``: fp16 per graph where the end-to-end parity gate of medsr.engine.precision passes, fp32 elsewhere
   (resolved by medsr.engine.trt.open_trt_sessions before anything is built here).
 
-TensorRT versions (:func:`trt_features`, the one place that says what each version has): 10.8 to 10.x build every
-precision above through weak typing (builder flags FP16/BF16/OBEY_PRECISION_CONSTRAINTS and per-layer pins).
-TensorRT 11 removed weak typing: every network is strongly typed, its precision is the ONNX graph's own types, and
-a bundle's graphs are fp32, so 11.x builds ``fp32`` and ``tf32`` only and medsr refuses the others with one line
-(docs/sources.md, "GPU engines"). :data:`TRT_API` lists every TensorRT name this module and medsr.engine.trt use,
-by the path that uses it; tests/test_trt_api_surface.py checks it against the real bindings of each major version
-and tests/trt_fakes.py exposes exactly those names.
+TensorRT versions (:func:`trt_features`, the one place that says what each version has): 10.8 to 10.x build the
+reduced precisions through weak typing (builder flags FP16/BF16/OBEY_PRECISION_CONSTRAINTS, the islands' layers
+pinned to fp32). TensorRT 11 removed weak typing: a reduced precision is built from a mixed-precision copy of the
+graph (fp16/bf16 tensors, fp32 islands, Casts at their borders) in a ``STRONGLY_TYPED`` network. The islands
+decided and the mixed graph are kept beside the plans (:func:`mixed_graph`) and read back by
+:func:`precision_report`. :data:`TRT_API` lists every TensorRT name this module and medsr.engine.trt use, by the
+path that uses it; tests/test_trt_api_surface.py checks it against the real bindings of each major version and
+tests/trt_fakes.py exposes exactly those names.
 
 TensorRT is imported lazily by the caller and passed in as ``trt``, so this module imports neither torch nor
 TensorRT; medsr.engine.trt uses it to build missing or stale plans.
@@ -28,13 +30,17 @@ TensorRT; medsr.engine.trt uses it to build missing or stale plans.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from medsr.bundle.load import MANIFEST_NAME, read_manifest, sha256_file
+from medsr.engine.mixed_precision import ISLAND_LEVELS, IslandDecision, decide_islands, validation_feeds, write_mixed
 from medsr.engine.precision import AUTO, AUTO_REDUCED
 from medsr.engine.profiles import ShapeProfile
 from medsr.errors import BackendError, OutputError
@@ -42,15 +48,10 @@ from medsr.io.atomic import atomic_path
 
 LOG = logging.getLogger(__name__)
 
-#: Layer types kept in fp32 under fp16: normalizations, softmax and reductions (mean/variance pieces of norms).
-FP32_LAYER_TYPES = ("NORMALIZATION", "SOFTMAX", "REDUCE")
-
 #: The oldest TensorRT medsr supports (the newest major is 11) and what to install otherwise.
 MIN_VERSION = (10, 8)
 MAX_MAJOR = 11
 INSTALL_HINT = "pip install 'tensorrt>=10.8,<12'"
-#: TensorRT 10.x, for the precisions that need weak typing.
-INSTALL_HINT_WEAK = "pip install 'tensorrt>=10.8,<11'"
 
 #: Every TensorRT name medsr uses ("Class.member" or a module attribute), by the path that uses it: "common" on every
 #: supported version, "weak_typing" only where :class:`TrtFeatures` says the version has weak typing (10.x).
@@ -88,9 +89,9 @@ TRT_API: dict[str, tuple[str, ...]] = {
         "ILayer.name",
         "ILayer.type",
         "ILayer.num_outputs",
-        "LayerType.NORMALIZATION",
-        "LayerType.SOFTMAX",
-        "LayerType.REDUCE",
+        "ILayer.get_output",
+        "ITensor.name",
+        "NetworkDefinitionCreationFlag.STRONGLY_TYPED",
         "IBuilderConfig.set_memory_pool_limit",
         "IBuilderConfig.set_flag",
         "IBuilderConfig.clear_flag",
@@ -115,23 +116,25 @@ TRT_API: dict[str, tuple[str, ...]] = {
 
 @dataclass(frozen=True)
 class PrecisionPlan:
-    """Builder flags to set and clear, and the layer types pinned to fp32, for one precision."""
+    """One precision's build: builder flags to set and clear on every version, those set only under weak typing
+    (10.x), the reduced type of the graph (None: fp32), and the island levels its parity gate may widen through
+    (empty: no islands, the whole graph reduced)."""
 
     set_flags: tuple[str, ...]
     clear_flags: tuple[str, ...]
-    fp32_layer_types: tuple[str, ...]
+    weak_flags: tuple[str, ...] = ()
+    reduced: str | None = None
+    island_levels: tuple[str, ...] = ()
 
 
 #: The builder recipe of every precision of PRECISIONS["trt"] but ``auto`` (which is resolved per graph first).
 RECIPES = {
-    "fp32": PrecisionPlan((), ("TF32",), ()),
-    "tf32": PrecisionPlan(("TF32",), (), ()),
-    "fp16": PrecisionPlan(("FP16", "OBEY_PRECISION_CONSTRAINTS"), (), FP32_LAYER_TYPES),
-    "fp16-all": PrecisionPlan(("FP16",), (), ()),
-    "bf16": PrecisionPlan(("BF16",), (), ()),
+    "fp32": PrecisionPlan((), ("TF32",)),
+    "tf32": PrecisionPlan(("TF32",), ()),
+    "fp16": PrecisionPlan((), (), ("FP16", "OBEY_PRECISION_CONSTRAINTS"), "fp16", ISLAND_LEVELS),
+    "fp16-all": PrecisionPlan((), (), ("FP16",), "fp16"),
+    "bf16": PrecisionPlan((), (), ("BF16", "OBEY_PRECISION_CONSTRAINTS"), "bf16", ISLAND_LEVELS),
 }
-#: The precisions a strongly typed build of the bundle's fp32 graphs runs (TensorRT 11: no weak typing).
-STRONGLY_TYPED_PRECISIONS = ("fp32", "tf32")
 
 
 @dataclass(frozen=True)
@@ -141,13 +144,13 @@ class TrtFeatures:
     Attributes:
         version: the version string (``tensorrt.__version__``).
         weak_typing: BuilderFlag.FP16/BF16/OBEY_PRECISION_CONSTRAINTS and ILayer.precision/set_output_type exist
-            (10.x; removed in 11).
+            (10.x; removed in 11, where reduced precisions are built strongly typed from a mixed graph).
         precisions: the builder precisions medsr runs on it (keys of RECIPES; ``auto`` needs ``fp16``).
     """
 
     version: str
     weak_typing: bool
-    precisions: tuple[str, ...]
+    precisions: tuple[str, ...] = tuple(RECIPES)
 
     @property
     def api_names(self) -> tuple[str, ...]:
@@ -160,8 +163,7 @@ class TrtFeatures:
         if wanted not in self.precisions:
             raise BackendError(
                 f"TensorRT {self.version} runs --precision {', '.join(self.precisions)} in medsr, not {precision}: "
-                f"it has no weak typing (no fp16/bf16 builder flags) and the bundle's graphs are fp32; "
-                f"for {precision} use TensorRT 10.x ({INSTALL_HINT_WEAK})"
+                f"{INSTALL_HINT}"
             )
 
 
@@ -182,8 +184,7 @@ def trt_features(version: str) -> TrtFeatures:
             f"--engine trt supports TensorRT {MIN_VERSION[0]}.{MIN_VERSION[1]} to {MAX_MAJOR}.x, found {version}: "
             f"{INSTALL_HINT}"
         )
-    weak = major < 11
-    return TrtFeatures(str(version), weak, tuple(RECIPES) if weak else STRONGLY_TYPED_PRECISIONS)
+    return TrtFeatures(str(version), weak_typing=major < 11)
 
 
 _LOGGERS: dict[int, tuple[object, object]] = {}
@@ -211,16 +212,30 @@ def recipe_id(precision: str) -> str:
     return hashlib.sha256(repr(precision_plan(precision)).encode()).hexdigest()[:12]
 
 
-def pin_fp32_layers(trt, network, layer_types: tuple[str, ...]) -> list[str]:
-    """Force every layer of ``layer_types`` (trt.LayerType names) to compute and output fp32; their names.
-    Weak typing only (TensorRT 10.x): callers check TrtFeatures.weak_typing first."""
-    if not layer_types:
+def trt_name(trt, dotted: str):
+    """``trt.<dotted>`` (e.g. ``BuilderFlag.FP16``), or one BackendError naming the TensorRT version and what to
+    install when these bindings lack it."""
+    value = trt
+    for part in dotted.split("."):
+        try:
+            value = getattr(value, part)
+        except AttributeError:
+            raise BackendError(f"TensorRT {trt.__version__} has no {dotted}: {INSTALL_HINT}") from None
+    return value
+
+
+def pin_fp32_layers(trt, network, fp32_nodes: tuple[str, ...], fp32_tensors: tuple[str, ...] = ()) -> list[str]:
+    """Force the layers of the ONNX nodes ``fp32_nodes`` to compute and output fp32: a layer is theirs when it
+    has a node's name or writes one of ``fp32_tensors`` (their outputs and the constants they read, which the ONNX
+    parser turns into constant layers named by their tensor). Their names. Weak typing only (TensorRT 10.x)."""
+    names, tensors = set(fp32_nodes), set(fp32_tensors)
+    if not names:
         return []
-    wanted = {getattr(trt.LayerType, name) for name in layer_types}
     pinned = []
     for index in range(network.num_layers):
         layer = network.get_layer(index)
-        if layer.type in wanted:
+        outputs = {layer.get_output(i).name for i in range(layer.num_outputs)}
+        if layer.name in names or outputs & tensors:
             layer.precision = trt.float32
             for output in range(layer.num_outputs):
                 layer.set_output_type(output, trt.float32)
@@ -228,17 +243,96 @@ def pin_fp32_layers(trt, network, layer_types: tuple[str, ...]) -> list[str]:
     return pinned
 
 
-def parse_onnx(trt, logger, onnx_path: Path):
+def parse_onnx(trt, logger, onnx_path: Path, strongly_typed: bool = False):
     """(builder, network, parser) with the ONNX graph parsed; parser errors raise BackendError with every message.
-    TensorRT 11 networks are always strongly typed (flag 0 is the only kind there is); 10.x networks are weakly
-    typed so that the builder flags of RECIPES apply."""
+    ``strongly_typed``: the network takes the graph's own types (NetworkDefinitionCreationFlag.STRONGLY_TYPED, how
+    TensorRT 11 builds a mixed graph); else weakly typed on 10.x, so that the builder flags of RECIPES apply, and the
+    only kind on 11.x for an fp32 graph."""
     builder = trt.Builder(logger)
-    network = builder.create_network(0)
+    flags = 1 << int(trt_name(trt, "NetworkDefinitionCreationFlag.STRONGLY_TYPED")) if strongly_typed else 0
+    network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise BackendError(f"TensorRT could not parse {onnx_path.name}: {errors}")
     return builder, network, parser
+
+
+def _graph_name(onnx_path: Path) -> str:
+    return onnx_path.name.removesuffix(".onnx")
+
+
+def mixed_paths(folder: Path, onnx_path: Path, precision: str) -> tuple[Path, Path]:
+    """(mixed graph, decision) files of ``onnx_path`` in ``precision``: ``<graph>-<precision>.mixed.onnx`` and
+    ``.mixed.json`` beside the plans."""
+    stem = f"{_graph_name(onnx_path)}-{precision}.mixed"
+    return folder / f"{stem}.onnx", folder / f"{stem}.json"
+
+
+def mixed_graph(onnx_path: Path, precision: str, folder: Path | None) -> tuple[Path, dict]:
+    """The mixed-precision graph of ``onnx_path`` for ``precision`` (a reduced RECIPES key) and its report
+    ({"precision", "level", "fp32_nodes", "parity_db", "note", "graph_sha256", "recipe"}), decided once and kept in
+    ``folder`` (the plan cache folder; None: a temporary folder, nothing kept).
+
+    With island levels (``fp16``, ``bf16``) the islands are decided by medsr.engine.mixed_precision.decide_islands on
+    the validation inputs of the bundle whose manifest lies beside the graph; ``fp16-all`` has none. The kept files
+    are reused while the graph's sha256 and the recipe are those recorded; a report whose precision is ``fp32`` has
+    the fp32 graph as its graph."""
+    import onnx
+
+    folder = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="medsr-mixed-"))
+    graph_path, report_path = mixed_paths(folder, onnx_path, precision)
+    digest, recipe = sha256_file(onnx_path), recipe_id(precision)
+    try:
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+        if report["graph_sha256"] == digest and report["recipe"] == recipe:
+            return (graph_path if report["precision"] != "fp32" else onnx_path), report
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    plan = precision_plan(precision)
+    model = onnx.load(str(onnx_path))
+    if plan.island_levels:
+        manifest = read_manifest(onnx_path.parent / MANIFEST_NAME)
+        decision = decide_islands(model, plan.reduced, validation_feeds(manifest, _graph_name(onnx_path)))
+    else:
+        decision = IslandDecision(plan.reduced, "", (), {}, "no islands: the whole graph reduced")
+    report = {**decision.to_dict(), "graph_sha256": digest, "recipe": recipe}
+    folder.mkdir(parents=True, exist_ok=True)
+    if decision.precision != "fp32":
+        mixed = write_mixed(model, decision.fp32_nodes, plan.reduced)
+        with atomic_path(graph_path, overwrite=True) as staging:
+            onnx.save(mixed, str(staging))
+    with atomic_path(report_path, overwrite=True) as staging:
+        staging.write_text(json.dumps(report, indent=1), encoding="utf-8")
+    LOG.info(
+        "%s %s: %s, %d fp32 nodes (%s)",
+        onnx_path.name,
+        precision,
+        decision.level,
+        len(decision.fp32_nodes),
+        decision.note,
+    )
+    return (graph_path if decision.precision != "fp32" else onnx_path), report
+
+
+def precision_report(folder: Path | None, onnx_path: Path, precision: str) -> dict:
+    """What ``precision`` means for the graph ``onnx_path`` as built into the plans of ``folder``, for outputs'
+    provenance: {"precision": what runs, "level", "fp32_nodes", "parity_db", "note"} as recorded by
+    :func:`mixed_graph`; fp32/tf32 (and a folder holding no decision yet) report themselves with no islands."""
+    plan = precision_plan(precision)
+    if folder is not None and plan.reduced is not None:
+        try:
+            report = json.loads(mixed_paths(Path(folder), Path(onnx_path), precision)[1].read_text(encoding="utf-8"))
+            return {key: report[key] for key in ("precision", "level", "fp32_nodes", "parity_db", "note")}
+        except (OSError, ValueError, KeyError):
+            pass
+    return {
+        "precision": precision,
+        "level": "",
+        "fp32_nodes": [],
+        "parity_db": {},
+        "note": "not built yet" if plan.reduced is not None else "no reduced precision",
+    }
 
 
 def attach_timing_cache(config, cache_path: Path | None):
@@ -269,28 +363,38 @@ def build_plan(
     precision: str,
     timing_cache: str | os.PathLike | None = None,
     workspace_bytes: int | None = None,
+    mixed_dir: str | os.PathLike | None = None,
 ) -> bytes:
     """A serialized TensorRT engine of ``onnx_path`` for ``profile`` in ``precision``.
 
     ``timing_cache``: a file of kernel timings shared by every build on this GPU; read if present and written back
     after the build (docs/sources.md, "Deployment engines": it cuts rebuilds from minutes to seconds). A timing
-    cache that cannot be written back is skipped with a warning; the plan is still returned. A precision this
-    TensorRT cannot build (fp16/bf16 on 11.x) is a one-line BackendError before anything is parsed.
+    cache that cannot be written back is skipped with a warning; the plan is still returned.
+
+    A reduced precision first gets its fp32 islands (:func:`mixed_graph`, kept in ``mixed_dir``: the plan cache
+    folder); TensorRT 10.x parses the fp32 graph weakly typed and pins the islands' layers, 11.x parses the mixed
+    graph strongly typed. A TensorRT name these bindings lack is a one-line BackendError naming the version.
     """
     onnx_path = Path(onnx_path)
     plan = precision_plan(precision)
     features = trt_features(trt.__version__)
     features.check_precision(precision)
+    source, report = (onnx_path, None) if plan.reduced is None else mixed_graph(onnx_path, precision, mixed_dir)
+    reduced = report is not None and report["precision"] != "fp32"
+    strongly_typed = reduced and not features.weak_typing
     logger = trt_logger(trt)
-    builder, network, _parser = parse_onnx(trt, logger, onnx_path)
+    builder, network, _parser = parse_onnx(trt, logger, onnx_path if features.weak_typing else source, strongly_typed)
     config = builder.create_builder_config()
     if workspace_bytes:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
-    for flag in plan.set_flags:
-        config.set_flag(getattr(trt.BuilderFlag, flag))
-    for flag in plan.clear_flags:
-        config.clear_flag(getattr(trt.BuilderFlag, flag))
-    pinned = pin_fp32_layers(trt, network, plan.fp32_layer_types)
+    recipe = plan if report is None or reduced else RECIPES["fp32"]  # every island failed the gate: fp32
+    for flag in recipe.set_flags + (recipe.weak_flags if features.weak_typing else ()):
+        config.set_flag(trt_name(trt, f"BuilderFlag.{flag}"))
+    for flag in recipe.clear_flags:
+        config.clear_flag(trt_name(trt, f"BuilderFlag.{flag}"))
+    pinned = []
+    if reduced and features.weak_typing:
+        pinned = pin_fp32_layers(trt, network, tuple(report["fp32_nodes"]), _island_tensors(onnx_path, report))
     optimization_profile = builder.create_optimization_profile()
     for name, (low, opt, high) in profile.shapes:
         optimization_profile.set_shape(name, low, opt, high)
@@ -302,12 +406,13 @@ def build_plan(
     if serialized is None:
         raise BackendError(f"TensorRT failed to build {onnx_path.name} in {precision} for profile {profile.tag}")
     LOG.info(
-        "built %s %s %s in %.1f s (%d layers pinned to fp32)",
+        "built %s %s %s in %.1f s (%d layers pinned to fp32, strongly typed: %s)",
         onnx_path.name,
         precision,
         profile.tag,
         time.perf_counter() - start,
         len(pinned),
+        strongly_typed,
     )
     if cache_path and cache is not None:
         try:
@@ -317,3 +422,15 @@ def build_plan(
         except (OSError, OutputError) as exc:
             warnings.warn(f"TensorRT timing cache not saved: {exc}", stacklevel=2)
     return bytes(serialized)
+
+
+def _island_tensors(onnx_path: Path, report: dict) -> tuple[str, ...]:
+    """The tensors the fp32 nodes of ``report`` write and the constants they read (what TensorRT names the layers
+    that compute them by)."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    initializers = {t.name for t in graph.initializer}
+    nodes = set(report["fp32_nodes"])
+    tensors = [name for n in graph.node if n.name in nodes for name in (*n.output, *n.input) if name]
+    return tuple(dict.fromkeys(t for t in tensors if t in initializers or t not in {i.name for i in graph.input}))

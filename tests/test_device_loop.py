@@ -1,0 +1,281 @@
+"""The device-resident denoising loop (medsr.engine.device_loop) against the host loop, on the CPU.
+
+ONNX Runtime's CPU IOBinding is the "device" here: its OrtValues wrap NumPy arrays, so the loop keeps its latents in
+bound buffers and applies each step's coefficients with NumPy, exactly as it does with CuPy on a GPU. The host loop
+runs the same ORT session through a wrapper without ``bind``. Both loops do the step arithmetic in float64 and round
+to float32 once per step, so the denoiser sees the same float32 samples and the final latents are compared bit for
+bit (any drift would be amplified by the network step after step, which a tolerance would hide). TensorRT's device
+path runs on the fakes of tests/trt_fakes.py, whose device memory is NumPy too.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+from trt_fakes import FakeCuda, fake_tensorrt
+
+import medsr.engine.pipeline as pipeline_module
+import medsr.engine.trt as trt_module
+from medsr.bundle import load_bundle
+from medsr.engine import device_loop
+from medsr.engine.device_loop import HostArrays
+from medsr.engine.pipeline import LatentSRPipeline, SamplingOptions
+from medsr.engine.schedulers import SchedulerConfig
+from medsr.engine.sessions import cuda_provider_options, open_ort_sessions
+from medsr.errors import NonFiniteError
+
+#: every sampler of medsr.engine.schedulers, deterministic and stochastic (ddim with eta > 0, ddpm), with clipping
+SAMPLERS = {
+    "ddim": SchedulerConfig(algorithm="ddim", prediction_type="sample"),
+    "ddim-eta-stochastic": SchedulerConfig(algorithm="ddim", prediction_type="epsilon", eta=0.7),
+    "ddim-clip-stochastic": SchedulerConfig(algorithm="ddim", prediction_type="sample", clip_sample=True, eta=0.3),
+    "ddpm-stochastic": SchedulerConfig(algorithm="ddpm", prediction_type="v_prediction"),
+    "dpmsolver++": SchedulerConfig(algorithm="dpmsolver++", prediction_type="epsilon"),
+    "flow_euler": SchedulerConfig(algorithm="flow_euler", prediction_type="flow"),
+    "latentsr": SchedulerConfig(
+        algorithm="latentsr",
+        prediction_type="sample",
+        beta_schedule="cosine",
+        reversed_table=True,
+        init_noise_sigma=0.5,
+    ),
+}
+LR = np.random.default_rng(1).uniform(-1, 1, (3, 8, 12)).astype(np.float32)
+#: 3 slices at batch 2: two batches of different shapes, so the loop binds two shapes
+OPTIONS = SamplingOptions(steps=4, seed=3, batch_size=2, tile_size=None)
+
+
+class HostOnly:
+    """An ORT session without ``bind``: the pipeline then runs its host loop on the same graph."""
+
+    def __init__(self, session):
+        self.session = session
+        self.input_names, self.output_names, self.providers = session.input_names, session.output_names, ("host",)
+
+    def run(self, feeds):
+        return self.session.run(feeds)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_bundle):
+    bundle = load_bundle(tiny_bundle)
+    return bundle, open_ort_sessions(bundle, threads=1)
+
+
+def traced(pipeline, lr=LR, options=OPTIONS):
+    """(SR images, {stage: [arrays of each batch]}) of one run."""
+    stages = {}
+    images = pipeline.super_resolve(lr, options, trace=lambda s, i, a: stages.setdefault(s, []).append(a)).images
+    return images, stages
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_device_loop_equals_the_host_loop_bit_for_bit(tiny, name):
+    bundle, sessions = tiny
+    device = LatentSRPipeline(bundle, sessions, SAMPLERS[name])
+    host = LatentSRPipeline(bundle, {**sessions, "denoiser": HostOnly(sessions["denoiser"])}, SAMPLERS[name])
+    images, stages = traced(device)
+    host_images, host_stages = traced(host)
+    assert set(stages) == set(host_stages)  # tracing still sees every step's output
+    for stage in ("final_latent", "denoiser_output[3]"):
+        for a, b in zip(stages[stage], host_stages[stage], strict=True):
+            np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(images, host_images)
+    assert sessions["denoiser"]._bindings, "the device loop did not run"
+
+
+@pytest.mark.parametrize("name", ["ddpm-stochastic", "dpmsolver++"])
+def test_chunks_share_a_binding_and_give_the_same_latents(tiny, name):
+    """5 items denoised 2 at a time (2 + 2 + 1, as tiles are): chunks of one shape share one binding, the stack
+    stays in loop-owned arrays, and the result is the host loop's."""
+    bundle, sessions = tiny
+    shape = (5, 4, 8, 8)
+    z_lr = np.random.default_rng(2).standard_normal((5, 4, 2, 2), dtype=np.float32)
+    noise = np.random.default_rng(3).standard_normal(shape, dtype=np.float32)
+
+    def latents(pipeline):
+        rng = np.random.default_rng(4)
+        return pipeline.sample_latents(
+            z_lr, noise, lambda: rng.standard_normal(shape, dtype=np.float32), steps=3, chunk=2
+        )
+
+    device = LatentSRPipeline(bundle, sessions, SAMPLERS[name])
+    host = LatentSRPipeline(bundle, {**sessions, "denoiser": HostOnly(sessions["denoiser"])}, SAMPLERS[name])
+    np.testing.assert_array_equal(latents(device), latents(host))
+
+
+@pytest.fixture
+def counted(tiny):
+    """Fresh ORT sessions whose denoiser counts OrtValue allocations, uploads (into the LR-latent buffers and in
+    all) and host runs."""
+    bundle, _ = tiny
+    sessions = open_ort_sessions(bundle, threads=1)
+    denoiser = sessions["denoiser"]
+    counts = {"allocations": 0, "uploads": 0, "lr_uploads": 0, "host_runs": 0}
+    allocate, upload, run = denoiser.allocate, denoiser.arrays.upload, denoiser.run
+
+    def counting_allocate(shape, dtype=np.float32):
+        counts["allocations"] += 1
+        return allocate(shape, dtype)
+
+    def counting_upload(host, device):
+        counts["uploads"] += 1
+        counts["lr_uploads"] += any(device is b.inputs["lr_latent"] for b in denoiser._bindings.values())
+        upload(host, device)
+
+    def counting_run(feeds):
+        counts["host_runs"] += 1
+        return run(feeds)
+
+    denoiser.allocate, denoiser.arrays.upload, denoiser.run = counting_allocate, counting_upload, counting_run
+    return LatentSRPipeline(bundle, sessions), denoiser, counts
+
+
+def test_ortvalues_are_allocated_once_per_shape_and_reused(counted):
+    """4 slices at batch 2, twice: 4 OrtValues (sample, lr_latent, timestep, model_output) for the one shape,
+    reused by every step of both batches of both calls; a new shape (batch 1) allocates its own 4, once."""
+    pipeline, denoiser, counts = counted
+    options = SamplingOptions(steps=3, batch_size=2, tile_size=None)
+    lr = np.tile(LR, (2, 1, 1))[:4]
+    pipeline.super_resolve(lr, options)
+    pipeline.super_resolve(lr, options)
+    assert counts["allocations"] == 4 and len(denoiser._bindings) == 1
+    pipeline.super_resolve(lr[:3], options)  # 2 + 1
+    assert counts["allocations"] == 8 and len(denoiser._bindings) == 2
+    assert counts["host_runs"] == 0
+
+
+def test_the_lr_latent_is_uploaded_once_per_batch(counted):
+    """DDIM (deterministic), 6 steps, 3 batches: per batch one LR-latent upload and one initial sample, nothing
+    per step."""
+    pipeline, _, counts = counted
+    pipeline.super_resolve(np.tile(LR, (2, 1, 1))[:5], SamplingOptions(steps=6, batch_size=2, tile_size=None))
+    assert counts["lr_uploads"] == 3
+    assert counts["uploads"] == 2 * 3
+
+
+def test_stochastic_noise_is_uploaded_only_where_a_step_adds_it(counted, tiny):
+    """DDPM draws noise at each of its 4 steps (the seeds' stream) and adds it at the first 3 (none at t = 0)."""
+    bundle, _ = tiny
+    pipeline, _, counts = counted
+    pipeline = LatentSRPipeline(bundle, pipeline.sessions, SAMPLERS["ddpm-stochastic"])
+    pipeline.super_resolve(LR[:2], SamplingOptions(steps=4, batch_size=2, tile_size=None))
+    assert counts["lr_uploads"] == 1 and counts["uploads"] == 2 + 3
+
+
+class NaNAtStep:
+    """A denoiser whose bindings write NaN into the model output at step ``step``."""
+
+    def __init__(self, session, step):
+        self.session, self.step, self.runs = session, step, 0
+        self.input_names, self.output_names, self.providers = session.input_names, session.output_names, ("nan",)
+
+    def run(self, feeds):
+        return self.session.run(feeds)
+
+    def bind(self, inputs, outputs):
+        bound = self.session.bind(inputs, outputs)
+        wrapper = self
+
+        class Poisoned:
+            arrays, inputs, outputs = bound.arrays, bound.inputs, bound.outputs
+
+            def run(self):
+                bound.run()
+                if wrapper.runs == wrapper.step:
+                    bound.outputs["model_output"][0, 0, 0, 0] = np.nan
+                wrapper.runs += 1
+
+        return Poisoned()
+
+
+def test_a_nan_in_the_model_output_raises_once_naming_the_loop(tiny, monkeypatch):
+    bundle, sessions = tiny
+    checks = []
+    check = pipeline_module._check_finite
+    monkeypatch.setattr(pipeline_module, "_check_finite", lambda stage, a: checks.append(stage) or check(stage, a))
+    pipeline = LatentSRPipeline(bundle, {**sessions, "denoiser": NaNAtStep(sessions["denoiser"], step=1)})
+    with pytest.raises(NonFiniteError, match=r"denoising loop \(5 steps on the device, checked at its end\)"):
+        pipeline.super_resolve(LR[:1], SamplingOptions(steps=5, tile_size=None))
+    assert [stage for stage in checks if "denois" in stage] == [
+        "denoising loop (5 steps on the device, checked at its end)"
+    ]
+
+
+def test_the_encoder_fetches_latent_logvar_only_to_sample_the_lr_latent(tiny):
+    bundle, sessions = tiny
+    fetched = []
+    encoder = sessions["vae_encoder"]
+
+    class Recording:
+        input_names, output_names, providers = encoder.input_names, encoder.output_names, encoder.providers
+
+        def run(self, feeds):
+            raise AssertionError("run_outputs should have been used")
+
+        def run_outputs(self, feeds, names):
+            fetched.append(tuple(names))
+            return encoder.run_outputs(feeds, names)
+
+    pipeline = LatentSRPipeline(bundle, {**sessions, "vae_encoder": Recording()})
+    for mode in ("mean", "sample"):
+        pipeline.super_resolve(LR[:1], SamplingOptions(steps=1, lr_latent=mode, tile_size=None))
+    assert fetched == [("latent_mean",), ("latent_mean", "latent_logvar")]
+    assert set(encoder.run_outputs({"image": np.zeros((1, 1, 16, 16), np.float32)}, ["latent_mean"])) == {"latent_mean"}
+
+
+def test_cuda_provider_options():
+    base = cuda_provider_options()
+    assert base["cudnn_conv_algo_search"] == "EXHAUSTIVE" and base["use_tf32"] == "0"
+    assert base["do_copy_in_default_stream"] == "1" and base["arena_extend_strategy"] == "kSameAsRequested"
+    assert "user_compute_stream" not in base and "enable_cuda_graph" not in base
+    bound = cuda_provider_options(stream=1234, cuda_graph=True)
+    assert bound["user_compute_stream"] == "1234" and bound["has_user_compute_stream"] == "1"
+    assert bound["enable_cuda_graph"] == "1"
+
+
+class FakeDeviceArrays(HostArrays):
+    """CupyArrays' interface over FakeCuda's device memory (NumPy arrays keyed by address)."""
+
+    def __init__(self, cuda):
+        self.cuda = cuda
+
+    def view(self, address, shape, dtype, owner=None):
+        return self.cuda.memory[address].view(dtype).reshape(shape)
+
+
+def trt_pipeline(bundle, tmp_path, monkeypatch, device: bool, config):
+    from medsr.engine.trt import open_trt_sessions
+
+    monkeypatch.setenv("MEDSR_CACHE", str(tmp_path / f"cache-{device}"))
+    cuda = FakeCuda()
+    sessions = open_trt_sessions(bundle, "fp32", trt=fake_tensorrt(cuda), cuda=cuda)
+    for graph, session in sessions.items():
+        session.builder = lambda path, profile, precision, g=graph: f"plan:{g}".encode()
+    if device:
+        sessions["denoiser"].arrays = FakeDeviceArrays(cuda)
+    return LatentSRPipeline(bundle, sessions, config), sessions, cuda
+
+
+@pytest.mark.parametrize("name", ["ddim", "ddpm-stochastic"])
+def test_tensorrt_device_loop_replays_the_engine_graph_and_matches_the_host_loop(tiny, tmp_path, monkeypatch, name):
+    """3 slices at batch 2 on the fake TensorRT: the last batch runs padded on the batch-2 plan through views of
+    its first item; the engine alone is captured once per executor and replayed; no step copies to the host."""
+    bundle, _ = tiny
+    monkeypatch.setattr(trt_module, "import_cupy", lambda: None)
+    device_loop.warn_without_cupy.cache_clear()
+    pipeline, sessions, cuda = trt_pipeline(bundle, tmp_path, monkeypatch, True, SAMPLERS[name])
+    options = SamplingOptions(steps=3, seed=2, batch_size=2, tile_size=None)
+    images = pipeline.super_resolve(LR, options).images
+    (executor,) = sessions["denoiser"]._executors.values()  # batch 1 padded to the batch-2 plan
+    assert executor.device_graph is not None and executor.graph is None  # never the host path's copies
+    assert cuda.launches >= 2 * 2  # steps 2 and 3 of both batches replayed the captured engine
+    host, _, _ = trt_pipeline(bundle, tmp_path, monkeypatch, False, SAMPLERS[name])
+    with pytest.warns(UserWarning, match=r"CuPy is not installed.*pip install cupy-cuda12x"):
+        host_images = host.super_resolve(LR, options).images
+    np.testing.assert_array_equal(images, host_images)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the warning is said once per process
+        host.super_resolve(LR[:1], options)
