@@ -367,9 +367,21 @@ def test_a_bundle_of_the_other_task_is_refused_naming_both(tmp_path, through_bun
         "--through-plane"
     )
     assert expected in result.output
-    result = CliRunner().invoke(infer, [str(source), "-o", out, "--through-plane"])
+
+
+def test_without_model_through_plane_runs_the_bundled_through_plane_model(tmp_path, monkeypatch):
+    import medsr.models
+
+    source = _save(tmp_path, _noise_volume((16, 16, 8)), [1.0, 1.0, 4.0])
+    out = tmp_path / "out.nii.gz"
+    result = CliRunner().invoke(infer, [str(source), "-o", str(out), "--through-plane", "--engine", "ort"])
+    assert result.exit_code == 0, result.output
+    (extension,) = [e for e in nib.load(out).header.extensions if e.get_code() == 6]
+    assert json.loads(extension.get_content())["medsr"]["model"] == "through-plane"
+    monkeypatch.setattr(medsr.models, "THROUGH_PLANE_BUNDLE", tmp_path / "absent")
+    result = CliRunner().invoke(infer, [str(source), "-o", str(tmp_path / "b.nii.gz"), "--through-plane"])
     assert result.exit_code != 0
-    assert "the bundled default model is in-plane; --through-plane needs --model" in result.output
+    assert "no through-plane model is bundled with this installation; pass --model BUNDLE" in result.output
     assert len(result.output.strip().splitlines()) == 1
 
 

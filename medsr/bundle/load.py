@@ -8,6 +8,7 @@ every graph must exist and match its sha256; each mismatch is a BundleError that
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -51,6 +52,23 @@ class Bundle:
     @property
     def scale(self) -> int:
         return self.manifest.task.scale
+
+    @property
+    def scales(self) -> tuple[int, ...]:
+        """Every factor the model serves (manifest ``task.scales``; ``(scale,)`` unless through-plane)."""
+        return self.manifest.task.scales
+
+    def with_scale(self, scale: int) -> Bundle:
+        """This bundle at ``scale``, one of :attr:`scales`: the same root and graphs, a manifest whose task has that
+        scale and the degradation at it (medsr.bundle.manifest.Task.with_scale); BundleError naming the bundle for
+        another factor."""
+        if scale == self.scale:
+            return self
+        try:
+            task = self.manifest.task.with_scale(scale)
+        except BundleError as exc:
+            raise BundleError(f"{self.root}: model {self.name!r}: {exc}") from None
+        return dataclasses.replace(self, manifest=dataclasses.replace(self.manifest, task=task))
 
     @property
     def plane(self) -> str:

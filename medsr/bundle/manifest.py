@@ -183,6 +183,9 @@ class Task:
     ``plane``: ``"in-plane"`` (what older manifests meant) upsamples both axes of a slice, s x s;
     ``"through-plane"`` upsamples the second axis W of a plane containing the slice axis, 1 x s (the slice
     direction), and its degradation is ``thick_slices``.
+
+    ``scales``: every factor the one network serves, sorted, ``scale`` among them (empty: ``(scale,)``, what older
+    manifests meant); several only through-plane, where :meth:`with_scale` gives the task at another of them.
     """
 
     scale: int
@@ -192,9 +195,11 @@ class Task:
     degradation: Degradation | None = None
     consistency: str = "none"
     plane: str = IN_PLANE
+    scales: tuple[int, ...] = ()
 
     def __post_init__(self):
         _at_least(self.scale, 2, "task.scale")
+        self._check_scales()
         _at_least(self.image_channels, 1, "task.image_channels")
         _at_least(self.lr_multiple, 1, "task.lr_multiple")
         _one_of(self.plane, PLANES, "task.plane")
@@ -224,14 +229,45 @@ class Task:
         except InputError as exc:
             raise BundleError(f"task.consistency: {exc}") from None
 
+    def _check_scales(self) -> None:
+        """``scales`` made a tuple (``(scale,)`` when empty) and refused unless sorted, distinct, all >= 2, with
+        ``scale`` among them, and a single factor in-plane."""
+        if not isinstance(self.scales, (list, tuple)):
+            raise BundleError(f"task.scales must be a list of integers, got {self.scales!r}")
+        scales = tuple(_at_least(s, 2, f"task.scales[{i}]") for i, s in enumerate(self.scales)) or (self.scale,)
+        if list(scales) != sorted(set(scales)):
+            raise BundleError(f"task.scales must be sorted and distinct, got {list(scales)}")
+        if self.scale not in scales:
+            raise BundleError(f"task.scales must contain task.scale {self.scale}, got {list(scales)}")
+        if len(scales) > 1 and self.plane != THROUGH_PLANE:
+            raise BundleError(
+                f"task.scales {list(scales)}: several factors need task.plane {THROUGH_PLANE!r}, got {self.plane!r}"
+            )
+        object.__setattr__(self, "scales", scales)
+
     @property
     def factors(self) -> tuple[int, int]:
         """The upsampling factor of each plane axis (H, W): (s, s) in-plane, (1, s) through-plane."""
         return (1, self.scale) if self.plane == THROUGH_PLANE else (self.scale, self.scale)
 
+    def with_scale(self, scale: int) -> Task:
+        """This task at ``scale``, one of ``scales``: the degradation at that factor, a thick-slice FWHM in
+        proportion to it (FWHM / s as at ``self.scale``, e.g. FWHM 4 at x4 -> 6 at x6). BundleError otherwise."""
+        if scale not in self.scales:
+            raise BundleError(
+                f"x{scale} is not a factor of this model: it serves {', '.join(f'x{s}' for s in self.scales)} "
+                "(task.scales)"
+            )
+        if scale == self.scale:
+            return self
+        degradation = dataclasses.replace(
+            self.degradation, scale=scale, fwhm=self.degradation.fwhm * scale / self.scale
+        )
+        return dataclasses.replace(self, scale=scale, degradation=degradation)
+
     @classmethod
     def from_dict(cls, d) -> Task:
-        optional = ("degradation", "consistency", "plane")
+        optional = ("scales", "degradation", "consistency", "plane")
         d = _section(d, "task", ("scale", "image_channels", "lr_multiple", "intensity"), optional)
         degradation = d.get("degradation")
         if degradation is not None:
@@ -249,12 +285,15 @@ class Task:
             degradation=degradation,
             consistency=d.get("consistency", "none"),
             plane=d.get("plane", IN_PLANE),
+            scales=d.get("scales", ()),
         )
 
     def to_dict(self) -> dict:
-        """The manifest's ``task``; ``plane`` is written for a through-plane task only (in-plane is the default)."""
+        """The manifest's ``task``; ``plane`` is written for a through-plane task only (in-plane is the default),
+        ``scales`` only when it holds more than ``scale``."""
         out = {
             "scale": self.scale,
+            **({"scales": list(self.scales)} if self.scales != (self.scale,) else {}),
             "image_channels": self.image_channels,
             "lr_multiple": self.lr_multiple,
             "intensity": self.intensity.to_dict(),

@@ -268,7 +268,7 @@ TORCH_FREE_ENGINES = tuple(e for e in ENGINE_CHOICES if e != "torch")
     "factors",
     multiple=True,
     type=click.IntRange(2, 6),
-    help="Slice spacing in HR voxels; repeatable (default: the model's factor, else 4).",
+    help="Slice spacing in HR voxels; repeatable (default: every factor the model serves, else 4).",
 )
 @click.option("--profile", type=click.Choice(["gaussian", "box"]), default="gaussian", show_default=True)
 @click.option(
@@ -300,6 +300,18 @@ TORCH_FREE_ENGINES = tuple(e for e in ENGINE_CHOICES if e != "torch")
     type=click.Choice(["none", "project", "backproject"]),
     help="Data consistency of the model (default: the bundle's).",
 )
+@click.option(
+    "--adapt",
+    is_flag=True,
+    help="Fine-tune the model on each simulated volume's own in-plane planes before running it (as medsr-infer "
+    "--adapt; its seconds count in the volume's time). Needs PyTorch (medsr[torch]).",
+)
+@click.option(
+    "--adapt-time",
+    type=click.FloatRange(min=0, min_open=True),
+    help="With --adapt: fine-tune for at most this long (default 150; no time limit with --adapt-steps alone).",
+)
+@click.option("--adapt-steps", type=click.IntRange(min=1), help="With --adapt: fine-tune for at most this many steps.")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: the available cores).")
 @click.option("--no-figures", is_flag=True, help="Skip the PNG panels and continuity plots.")
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
@@ -323,6 +335,9 @@ def through_plane(
     batch_size,
     noise,
     consistency,
+    adapt,
+    adapt_time,
+    adapt_steps,
     threads,
     no_figures,
     overwrite,
@@ -333,6 +348,10 @@ def through_plane(
     from medsr.eval import thick_slices as ts
     from medsr.eval import thick_slices_report as report
 
+    if (adapt or adapt_time or adapt_steps) and model is None:
+        raise click.UsageError("--adapt, --adapt-time and --adapt-steps need --model")
+    if not adapt and (adapt_time is not None or adapt_steps is not None):
+        raise click.UsageError("--adapt-time and --adapt-steps apply to --adapt only")
     runner, context = None, {"model": None}
     baselines = () if baselines == ("none",) else tuple(baselines)
     if model is not None:
@@ -341,7 +360,7 @@ def through_plane(
 
         bundle = load_model(model)
         check_task_plane(bundle, through_plane=True)
-        factors = factors or (bundle.scale,)
+        factors = factors or bundle.scales
     settings = ts.ThickSliceSettings(
         factors=tuple(factors or (4,)),
         profile=profile,
@@ -353,12 +372,12 @@ def through_plane(
     )
     if model is not None:
         degradation = bundle.manifest.task.degradation
-        ts.check_model_factors(name or bundle.name, bundle.scale, settings)
+        ts.check_model_factors(name or bundle.name, bundle.scales, settings)
     volumes = ts.load_truth_volumes([str(d) for d in data])
     names = [v.name for v in volumes]
     planned = None
     if model is not None:
-        planned = ts.ModelRunner(name or bundle.name, bundle.scale, None, {}, ts.plan_check(bundle))
+        planned = ts.ModelRunner(name or bundle.name, bundle.scales, None, {}, ts.plan_check(bundle))
     ts.check_runs(volumes, settings, planned)
     report.prepare_output_dir(output, names, list(settings.factors), overwrite, figures=not no_figures)
     notes = [ts.eclare_note(settings)]
@@ -376,6 +395,7 @@ def through_plane(
             "model": bundle.name,
             "bundle": str(bundle.root),
             "scale": bundle.scale,
+            "scales": list(bundle.scales),
             "degradation": degradation.to_dict(),
             "weights": bundle.manifest.provenance.weights.to_dict(),
             "engine": f"{choice.engine} {choice.precision} [{providers}]",
@@ -385,13 +405,23 @@ def through_plane(
             "noise": noise,
             "consistency": consistency or bundle.manifest.task.consistency,
         }
-        runner = ts.through_plane_runner(pipeline, options, name or bundle.name, described)
+        pipeline_for = None
+        if adapt:
+            pipeline_for = _adapting(bundle, engine_options, seed, adapt_time, adapt_steps)
+            described["adapted"] = {"seconds": adapt_time, "steps": adapt_steps, "seed": seed}
+        label = name or (f"{bundle.name}+adapt" if adapt else bundle.name)
+        runner = ts.through_plane_runner(pipeline, options, label, described, pipeline_for)
         context["model"] = described
-        if degradation.profile != profile or not math.isclose(degradation.fwhm, settings.fwhm_at(bundle.scale)):
+        trained = {f: bundle.with_scale(f).manifest.task.degradation for f in settings.factors}
+        differ = [
+            f for f, d in trained.items() if d.profile != profile or not math.isclose(d.fwhm, settings.fwhm_at(f))
+        ]
+        if differ:
+            made = ", ".join(f"{trained[f].fwhm:g} at x{f}" for f in differ)
+            here = ", ".join(f"{settings.fwhm_at(f):g} at x{f}" for f in differ)
             notes.append(
-                f"the model was made for a {degradation.profile} profile of FWHM {degradation.fwhm:g} HR voxels; "
-                f"the slices here are {profile} of FWHM {settings.fwhm_at(bundle.scale):g} (its consistency "
-                "projects with its own profile)"
+                f"the model was made for a {degradation.profile} profile of FWHM {made} HR voxels; the slices here "
+                f"are {profile} of FWHM {here} (its consistency projects with its own profile)"
             )
     else:
         notes.append("no --model: the baselines alone")
@@ -471,6 +501,25 @@ def compare(summaries, output, json_path, plot, metrics, intersect, alternative,
     if plot is not None:
         save_screening_plot(plot, result["screening"])
     click.echo(text)
+
+
+def _adapting(bundle, engine_options, seed: int, seconds: float | None, steps: int | None):
+    """``pipeline_for(prepared, plan)`` of ``--adapt``: ``bundle`` adapted to that volume (medsr.export.train.adapt,
+    imported only then), opened on ``engine_options`` for the ``with`` block."""
+    import contextlib
+
+    from medsr.cli.model import adaptation
+
+    adapt, config = adaptation(seed, seconds, steps)
+
+    @contextlib.contextmanager
+    def pipeline_for(prepared, plan):
+        with adapt.adapted_bundle(
+            bundle, prepared, plan, config, engine_options.device, engine_options.threads
+        ) as adapted:
+            yield engine_options.open(adapted)
+
+    return pipeline_for
 
 
 def main() -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import click
 
 from medsr.bundle.scheduler import ALGORITHMS
 from medsr.cli.common import medsr_errors, run_command, torch_reference
-from medsr.cli.model import MODEL_HELP
+from medsr.cli.model import INFER_MODEL_HELP
 from medsr.degrade import CONSISTENCY_MODES
 from medsr.engine.pipeline import NOISE_MODES
 from medsr.engine.precision import describe_precisions, precision_choices
@@ -44,7 +45,7 @@ from medsr.io.formats import OUTPUT_FORMATS
     "(PNG, DICOM); input = the input's stored type and scaling.",
 )
 @click.option("--series", help="DICOM series to read from a directory holding several (SeriesInstanceUID or number).")
-@click.option("--model", type=click.Path(path_type=Path), help=MODEL_HELP)
+@click.option("--model", type=click.Path(path_type=Path), help=INFER_MODEL_HELP)
 @click.option("--engine", type=click.Choice(ENGINE_CHOICES), default="auto", show_default=True, help=ENGINE_HELP)
 @click.option(
     "--precision",
@@ -85,12 +86,34 @@ from medsr.io.formats import OUTPUT_FORMATS
 @click.option(
     "--through-plane-scale",
     type=click.IntRange(min=2),
-    help="With --through-plane: HR voxels per slice (default: round(slice spacing / in-plane spacing)).",
+    help="With --through-plane: HR voxels per slice, one of the model's factors (task.scales; default: "
+    "round(slice spacing / in-plane spacing)).",
 )
 @click.option(
     "--slice-thickness",
     type=click.FloatRange(min=0, min_open=True),
     help="With --through-plane: slice thickness in mm (default: DICOM SliceThickness, else the slice spacing).",
+)
+@click.option(
+    "--adapt",
+    is_flag=True,
+    help="With --through-plane: first fine-tune the model on the input's own in-plane planes (thick slices simulated "
+    "along one in-plane axis), for --adapt-time or --adapt-steps, then run the adapted model on the chosen engine; "
+    "each input of a batch gets its own adapted model. Needs PyTorch (medsr[torch]).",
+)
+@click.option(
+    "--adapt-time",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="SECONDS",
+    help="With --adapt: fine-tune for at most this long (default 150; no time limit with --adapt-steps alone).",
+)
+@click.option("--adapt-steps", type=click.IntRange(min=1), help="With --adapt: fine-tune for at most this many steps.")
+@click.option(
+    "--adapt-save",
+    type=click.Path(path_type=Path),
+    metavar="DIR",
+    help="With --adapt and one input: keep the adapted model as a bundle DIR (refused if it exists unless "
+    "--overwrite), which --model DIR runs again.",
 )
 @click.option(
     "--noise",
@@ -157,6 +180,10 @@ def infer(
     through_plane,
     through_plane_scale,
     slice_thickness,
+    adapt,
+    adapt_time,
+    adapt_steps,
+    adapt_save,
     noise,
     tile,
     tile_overlap,
@@ -194,8 +221,14 @@ def infer(
         raise InputError("--workers is the size of a --ray batch's worker pool; add --ray ADDRESS")
     if not through_plane and (through_plane_scale is not None or slice_thickness is not None):
         raise InputError("--through-plane-scale and --slice-thickness apply to --through-plane only")
-    if through_plane and model is None:
-        raise InputError("the bundled default model is in-plane; --through-plane needs --model a through-plane bundle")
+    if not adapt and (adapt_time is not None or adapt_steps is not None or adapt_save is not None):
+        raise InputError("--adapt-time, --adapt-steps and --adapt-save apply to --adapt only")
+    if adapt and not through_plane:
+        raise InputError("--adapt fine-tunes a through-plane model on the input; add --through-plane")
+    if adapt and ray_address is not None:
+        raise InputError("--adapt fine-tunes a model per input on this machine; it does not run on --ray")
+    if adapt_save is not None and batch:
+        raise InputError("--adapt-save keeps the adapted model of one input; a batch adapts one per input")
     options = SamplingOptions(
         steps=steps,
         seed=seed,
@@ -222,24 +255,26 @@ def infer(
         through_plane_scale=through_plane_scale,
         slice_thickness=slice_thickness,
     )
-    bundle = load_model(model)
+    bundle = load_model(model, through_plane)
     check_task_plane(bundle, through_plane)
     if options.tile_size is not None:
         check_tile_options(options.tile_size, tile_overlap, bundle.lr_multiple)
-    pipeline = functools.cache(
-        lambda: _open_pipeline(bundle, choice.engine, choice.precision, device, sampler, threads)
-    )
+    engine_options = (choice.engine, choice.precision, device, sampler, threads)
+    pipeline = functools.cache(lambda: _open_pipeline(bundle, *engine_options))
+    per_job = None
+    if adapt:
+        per_job = _adapter(bundle, engine_options, (seed, adapt_time, adapt_steps), adapt_save, overwrite)
     if batch:
         ray = None
         if ray_address is not None:
             from medsr.engine.jobs import EngineOptions
 
             ray = (ray_address, EngineOptions(choice.engine, choice.precision, device, sampler, threads), workers)
-        failed = _run_batch(jobs, output, bundle, pipeline, settings, ray)
+        failed = _run_batch(jobs, output, bundle, pipeline, settings, ray, per_job)
         if failed:
             raise MedsrError(f"{failed} of {len(jobs)} input(s) failed; see {output / 'medsr_summary.json'}")
     else:
-        _run_one(jobs[0], output, bundle, pipeline, settings)
+        _run_one(jobs[0], output, bundle, pipeline, settings, per_job)
 
 
 def _open_pipeline(bundle, engine, precision, device, sampler, threads):
@@ -252,21 +287,47 @@ def _open_pipeline(bundle, engine, precision, device, sampler, threads):
     return EngineOptions(engine, precision, device, sampler, threads).open(bundle)
 
 
-def _run_one(job, output, bundle, pipeline, settings) -> None:
+def _adapter(bundle, engine_options, limits: tuple, save: Path | None, overwrite: bool):
+    """The per-job pipeline of ``--adapt``: ``bundle`` fine-tuned on each prepared job's input
+    (medsr.export.train.adapt, imported only then: the rest of medsr-infer never imports PyTorch) within
+    ``limits`` (seed, seconds, steps), exported (kept in ``save`` when given) and opened on ``engine_options``
+    (engine, precision, device, sampler, threads) for that job's engine stage."""
+    from medsr.cli.model import adaptation
+    from medsr.io.atomic import check_output_path
+
+    adapt, config = adaptation(*limits)
+    if save is not None:
+        check_output_path(save, overwrite, directory=True)
+    _, _, device, _, threads = engine_options
+
+    @contextlib.contextmanager
+    def per_job(prepared):
+        with adapt.adapted_bundle(
+            bundle, prepared.image, prepared.plan, config, device, threads, save, overwrite, disable=None
+        ) as adapted:
+            yield _open_pipeline(adapted, *engine_options)
+
+    return per_job
+
+
+def _run_one(job, output, bundle, pipeline, settings, per_job=None) -> None:
     from tqdm import tqdm
 
     from medsr.cli.jobs import describe
-    from medsr.engine.jobs import prepare_job, provenance_of, run_prepared
+    from medsr.engine.jobs import job_pipeline, prepare_job, provenance_of, run_prepared
 
     prepared = prepare_job(job, output, bundle, settings)
-    with tqdm(unit="slice", desc="super-resolving", disable=None) as bar:
-        record = run_prepared(prepared, pipeline(), settings, progress=bar.update)
-    click.echo(f"{describe(record)}; engine {provenance_of(pipeline(), settings)['engine']} ({settings.engine_reason})")
+    with job_pipeline(prepared, pipeline, per_job) as opened:
+        with tqdm(unit="slice", desc="super-resolving", disable=None) as bar:
+            record = run_prepared(prepared, opened, settings, progress=bar.update)
+        engine = provenance_of(opened, settings)["engine"]
+    click.echo(f"{describe(record)}; engine {engine} ({settings.engine_reason})")
 
 
-def _run_batch(jobs, outdir: Path, bundle, pipeline, settings, ray=None) -> int:
+def _run_batch(jobs, outdir: Path, bundle, pipeline, settings, ray=None, per_job=None) -> int:
     """Run a batch into ``outdir`` (created if missing), here or on Ray (``ray``: address, EngineOptions and
-    workers, medsr.serve.ray_batch); return the number of failed inputs."""
+    workers, medsr.serve.ray_batch), each job on its own pipeline when ``per_job`` gives one; return the number of
+    failed inputs."""
     from medsr.cli.jobs import run_batch
     from medsr.engine.jobs import SUMMARY_NAME
     from medsr.errors import OutputError
@@ -278,7 +339,7 @@ def _run_batch(jobs, outdir: Path, bundle, pipeline, settings, ray=None) -> int:
     except OSError as exc:
         raise OutputError(f"{outdir}: cannot create the output directory: {exc.strerror or exc}") from exc
     if ray is None:
-        summary = run_batch(jobs, outdir, bundle, pipeline, settings, click.echo)
+        summary = run_batch(jobs, outdir, bundle, pipeline, settings, click.echo, per_job)
     else:
         from tqdm import tqdm
 

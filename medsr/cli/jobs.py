@@ -12,7 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from medsr.engine.jobs import (
+    ADAPTED,
     InferSettings,
+    JobPipeline,
     new_summary,
     plan_batch,
     run_batch_jobs,
@@ -36,6 +38,12 @@ def describe(record: dict) -> str:
     text += f", consistency residual median {record['residual_median']:.2e}"
     if "through_plane" in record:
         text += f"; {record['through_plane']}"
+    if ADAPTED in record:
+        adapted = record[ADAPTED]
+        text += (
+            f"; model adapted to {adapted['input']}: {adapted['steps']} steps in {adapted['seconds']:.1f} s, loss on "
+            f"its own planes {adapted['loss_before']:.4g} -> {adapted['loss_after']:.4g}"
+        )
     return text + "".join(f"; note: {note}" for note in record["notes"])
 
 
@@ -46,13 +54,15 @@ def run_batch(
     open_pipeline: Callable[[], LatentSRPipeline],
     settings: InferSettings,
     echo: Callable[[str], None],
+    per_job: JobPipeline | None = None,
 ) -> dict:
     """Run every job into ``outdir``; report and skip failures; skip outputs that exist (unless overwriting).
 
     ``open_pipeline()`` is called when the first job passes its checks (and should cache its pipeline).
     ``outdir/medsr_summary.json`` is rewritten (atomically) after every job, so an interrupted batch leaves a
     summary of what was finished. With ``settings.overlap`` the next input is read and the previous output written
-    while the engine runs (medsr.engine.jobs.run_batch_jobs). Returns the summary.
+    while the engine runs (medsr.engine.jobs.run_batch_jobs); ``per_job`` gives each job its own pipeline (e.g.
+    ``--adapt``'s). Returns the summary.
     """
     summary = new_summary(bundle)
     records = []
@@ -62,7 +72,7 @@ def run_batch(
         echo(batch_line(record))
         write_summary(outdir, summary, records)
 
-    run_batch_jobs(plan_batch(jobs, outdir, bundle, settings), bundle, open_pipeline, settings, finished)
+    run_batch_jobs(plan_batch(jobs, outdir, bundle, settings), bundle, open_pipeline, settings, finished, per_job)
     write_summary(outdir, summary, records, finished=True)
     return summary
 

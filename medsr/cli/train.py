@@ -176,12 +176,21 @@ def vae(crop, kl_weight, init, **kw):
     type=click.Choice(["linear", "scaled_linear", "squaredcos_cap_v2", "cosine"]),
     help="Override the preset's schedule; recorded in the weights like --prediction-type.",
 )
+@click.option(
+    "--factor",
+    type=click.IntRange(min=2),
+    help="A preset trained for several factors (through-plane): train for this one of them only.",
+)
 @medsr_errors
-def denoiser(vae_weights, pairs, crop, loss, terminal_fraction, contrast_copies, prediction_type, beta_schedule, **kw):
+def denoiser(
+    vae_weights, pairs, crop, loss, terminal_fraction, contrast_copies, prediction_type, beta_schedule, factor, **kw
+):
     """Train the preset's denoiser on cached latents of a frozen VAE."""
     from medsr.export.train.denoiser import DenoiserConfig, train_denoiser
 
     preset, slices, device, note = _setup(kw)
+    if factor is not None:
+        preset = _single_factor(preset, factor)
     objective = DenoiserConfig(
         pairs=pairs,
         crop=crop,
@@ -237,6 +246,15 @@ def recipe(name, run_dir, bundle, resume, overwrite, threads, no_progress):
     )
     click.echo((run_dir / "heldout.md").read_text())
     click.echo(f"total {summary['timings']['total_s'] / 60:.1f} min; bundle {bundle or run_dir / 'bundle'}")
+
+
+def _single_factor(preset, factor: int):
+    """``preset`` trained for ``factor`` alone, one of its ``scales``."""
+    import dataclasses
+
+    if factor not in preset.trained_scales:
+        raise click.BadParameter(f"preset {preset.name} is trained for {preset.trained_scales}", param_hint="--factor")
+    return dataclasses.replace(preset, scale=factor, scales=(), degradation=preset.degradation_at(factor))
 
 
 #: The held-out volume of through-plane recipes and its slice axis: the Colin27 slab is 24 voxels along axis 2, too

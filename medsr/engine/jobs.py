@@ -22,11 +22,13 @@ import json
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from medsr.bundle.manifest import thaw
 from medsr.engine.pipeline import LatentSRPipeline, SamplingOptions
 from medsr.engine.volume import (
     NetworkInput,
@@ -46,6 +48,9 @@ from medsr.io.image import Volume, flat
 
 #: The batch summary's file name in the output directory.
 SUMMARY_NAME = "medsr_summary.json"
+#: The key of a model adapted to one input (``medsr-infer --adapt``) in its bundle's ``provenance.recipe_config``:
+#: what it was adapted to and how; every output of such a model records it (:func:`provenance_of`).
+ADAPTED = "adapted"
 
 
 @dataclass(frozen=True)
@@ -131,10 +136,7 @@ def prepare_job(job, output: Path | None, bundle, settings: InferSettings) -> Pr
         check_output_path(output, settings.overwrite, directory=output.is_dir())
     volume = load_image(job.source, job.series, _memory_limit(settings, bundle.scale), settings.repair_nonfinite)
     fmt = output_format(output, settings.fmt, volume)
-    dtype = resolve_dtype(settings.dtype, fmt, volume)
-    output = output or Path(default_output_name(volume, fmt, bundle.scale, job.stem))
-    check_output_path(output, settings.overwrite, directory=output_is_directory(fmt, volume))
-    prepared = prepare_input(volume, window_percentiles(bundle), settings.frame)
+    plan = None
     if settings.through_plane:
         if fmt == "dicom":
             raise InputError(
@@ -142,10 +144,27 @@ def prepare_job(job, output: Path | None, bundle, settings: InferSettings) -> Pr
                 "write NIfTI (--format nifti)"
             )
         plan = plan_through_plane(volume, bundle, settings.axis, settings.through_plane_scale, settings.slice_thickness)
+    dtype = resolve_dtype(settings.dtype, fmt, volume)
+    scale = bundle.scale if plan is None else plan.scale
+    output = output or Path(default_output_name(volume, fmt, scale, job.stem))
+    check_output_path(output, settings.overwrite, directory=output_is_directory(fmt, volume))
+    prepared = prepare_input(volume, window_percentiles(bundle), settings.frame)
+    if plan is not None:
         return PreparedJob(job, volume, prepared, plan.axis, fmt, dtype, output, plan)
     axis = _slice_axis(volume, settings.axis, fmt)
     check_plane_size(prepared, axis, min_plane_side(bundle))
     return PreparedJob(job, volume, prepared, axis, fmt, dtype, output)
+
+
+#: The pipeline one prepared job runs on, held for its engine stage (a ``with`` block): a model made for that job
+#: alone (``medsr-infer --adapt`` fine-tunes one on the job's own input). Without one every job runs on the run's
+#: shared pipeline.
+JobPipeline = Callable[[PreparedJob], AbstractContextManager[LatentSRPipeline]]
+
+
+def job_pipeline(prepared: PreparedJob, open_pipeline, per_job: JobPipeline | None):
+    """The context that holds ``prepared``'s pipeline: ``per_job(prepared)``, or the shared ``open_pipeline()``."""
+    return nullcontext(open_pipeline()) if per_job is None else per_job(prepared)
 
 
 def provenance_of(pipeline: LatentSRPipeline, settings: InferSettings) -> dict:
@@ -154,6 +173,7 @@ def provenance_of(pipeline: LatentSRPipeline, settings: InferSettings) -> dict:
 
     bundle, options = pipeline.bundle, settings.options
     providers = ",".join(next(iter(pipeline.sessions.values())).providers)
+    recipe = bundle.manifest.provenance.recipe_config or {}
     return {
         "medsr_version": medsr.__version__,
         "model": bundle.name,
@@ -168,6 +188,18 @@ def provenance_of(pipeline: LatentSRPipeline, settings: InferSettings) -> dict:
         "tile_size": options.tile_size,
         "tile_overlap": options.tile_overlap,
         "noise": options.noise,
+        **({ADAPTED: thaw(recipe[ADAPTED])} if ADAPTED in recipe else {}),
+        **({"precision_islands": islands} if (islands := _precision_reports(pipeline)) else {}),
+    }
+
+
+def _precision_reports(pipeline: LatentSRPipeline) -> dict:
+    """Per graph, what a session built in mixed precision decided (TensorRT's ``precision_report``: precision, fp32
+    islands, parity); empty for engines that run one precision throughout."""
+    return {
+        graph: session.precision_report
+        for graph, session in pipeline.sessions.items()
+        if hasattr(session, "precision_report")
     }
 
 
@@ -204,7 +236,7 @@ def compute_prepared(
         "frame": settings.frame,
         "intensity_window": result.window.to_dict(),
         "date": _now(),
-        **({} if plan is None else {"through_plane": plan.to_dict()}),
+        **({} if plan is None else {"scale": plan.scale, "through_plane": plan.to_dict()}),
     }
     return ComputedJob(prepared, result, provenance, time.perf_counter() - started)
 
@@ -254,6 +286,7 @@ def write_computed(computed: ComputedJob, settings: InferSettings) -> dict:
         "notes": list(volume.notes),
         "seconds": round(computed.seconds + time.perf_counter() - started, 3),
         **({} if plan is None else {"through_plane": plan.describe()}),
+        **({ADAPTED: computed.provenance[ADAPTED]} if ADAPTED in computed.provenance else {}),
     }
 
 
@@ -310,12 +343,13 @@ def _read_stage(job, output: Path, bundle, settings: InferSettings, record: dict
         return _failed(job, record, exc)
 
 
-def _run_stage(stage, open_pipeline, settings: InferSettings):
+def _run_stage(stage, open_pipeline, settings: InferSettings, per_job: JobPipeline | None = None):
     if isinstance(stage, dict):
         return stage
     job, record, prepared = stage
     try:
-        return job, record, compute_prepared(prepared, open_pipeline(), settings)
+        with job_pipeline(prepared, open_pipeline, per_job) as pipeline:
+            return job, record, compute_prepared(prepared, pipeline, settings)
     except Exception as exc:  # noqa: BLE001
         return _failed(job, record, exc)
 
@@ -336,10 +370,11 @@ def run_batch_jobs(
     open_pipeline,
     settings: InferSettings,
     on_record: Callable[[dict], None],
+    per_job: JobPipeline | None = None,
 ) -> None:
     """Run the planned jobs (:func:`plan_batch`) in order, calling ``on_record(record)`` for each as it finishes,
     in plan order: the jobs of :func:`run_batch_job`, with the host stages overlapped with the engine when
-    ``settings.overlap`` (module docstring).
+    ``settings.overlap`` (module docstring). ``per_job``: each job's own pipeline instead of the shared one.
 
     The engine stage (and ``open_pipeline()``, when the first job passes its checks) runs on the calling thread; a
     reader thread prepares at most the next job while it runs, a writer thread writes at most the previous one.
@@ -348,7 +383,7 @@ def run_batch_jobs(
     """
     if not settings.overlap:
         for job, output, record in plan:
-            on_record(run_batch_job(job, output, bundle, open_pipeline, settings, record))
+            on_record(run_batch_job(job, output, bundle, open_pipeline, settings, record, per_job))
         return
     reader = ThreadPoolExecutor(1, thread_name_prefix="medsr-read")
     writer = ThreadPoolExecutor(1, thread_name_prefix="medsr-write")
@@ -358,7 +393,7 @@ def run_batch_jobs(
         for index in range(len(plan)):
             stage = reading.result()
             reading = _submit_read(reader, plan, index + 1, bundle, settings)
-            stage = _run_stage(stage, open_pipeline, settings)
+            stage = _run_stage(stage, open_pipeline, settings, per_job)
             if writing is not None:
                 on_record(writing.result())
             writing = writer.submit(_write_stage, stage, settings)
@@ -379,16 +414,18 @@ def _submit_read(reader: ThreadPoolExecutor, plan, index: int, bundle, settings:
 def plan_batch(jobs: list, outdir: Path, bundle, settings: InferSettings) -> list[tuple[object, Path, dict]]:
     """(job, output, record) for every job of a batch into ``outdir``, in order, without touching any file.
 
-    A job whose output name another job already took gets its unique name; if that too is taken, its record is
-    already final (``status`` failed). Every other record holds input, series and output only, for
-    :func:`run_batch_job`.
+    Outputs are named by the model's scale, or by ``through_plane_scale`` when a through-plane run gives one (the
+    inputs are not read here, so their own factors are not known yet). A job whose output name another job already
+    took gets its unique name; if that too is taken, its record is already final (``status`` failed). Every other
+    record holds input, series and output only, for :func:`run_batch_job`.
     """
     planned, plan = {}, []
+    scale = (settings.through_plane and settings.through_plane_scale) or bundle.scale
     for job in jobs:
         fmt = settings.fmt or job.default_format()
-        output = outdir / job.output_name(fmt, bundle.scale)
+        output = outdir / job.output_name(fmt, scale)
         if output in planned:
-            output = outdir / job.output_name(fmt, bundle.scale, unique=True)
+            output = outdir / job.output_name(fmt, scale, unique=True)
         record = {"input": str(job.source), "series": job.series, "output": str(output)}
         if output in planned:
             message = f"{job.source}: output name {output.name} is also that of {planned[output]}"
@@ -398,11 +435,13 @@ def plan_batch(jobs: list, outdir: Path, bundle, settings: InferSettings) -> lis
     return plan
 
 
-def run_batch_job(job, output: Path, bundle, open_pipeline, settings: InferSettings, record: dict) -> dict:
+def run_batch_job(
+    job, output: Path, bundle, open_pipeline, settings: InferSettings, record: dict, per_job: JobPipeline | None = None
+) -> dict:
     """A planned job (:func:`plan_batch`): skipped when its output exists (unless overwriting), else run (read,
-    engine, write, one after the other)."""
+    engine, write, one after the other), on its own pipeline when ``per_job`` gives one."""
     stage = _read_stage(job, output, bundle, settings, record)
-    return _write_stage(_run_stage(stage, open_pipeline, settings), settings)
+    return _write_stage(_run_stage(stage, open_pipeline, settings, per_job), settings)
 
 
 def new_summary(bundle) -> dict:

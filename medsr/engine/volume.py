@@ -33,7 +33,7 @@ from medsr.bundle.manifest import IN_PLANE, THROUGH_PLANE
 from medsr.degrade import ThickSlices, check_consistency
 from medsr.degrade.slices import thick_slice_pinv
 from medsr.engine.pipeline import LatentSRPipeline, SamplingOptions
-from medsr.errors import InputError
+from medsr.errors import BundleError, InputError
 from medsr.io.affine import upsample_affine, upsample_affine_along
 from medsr.io.image import Volume
 from medsr.io.normalize import IntensityWindow, denormalize, fit_window, normalize
@@ -273,11 +273,11 @@ def plan_through_plane(
 ) -> ThroughPlanePlan:
     """Decide the through-plane run of ``volume`` with a through-plane ``bundle`` and check it before any model runs.
 
-    ``axis``: the slice axis (default: the largest spacing); ``scale``: s (default round(slice spacing / in-plane
-    spacing)); ``thickness``: the slice thickness in mm (default: DICOM SliceThickness where known, else the slice
-    spacing). Raises InputError naming the file for a 2D image, a volume not anisotropic enough (s < 2), a factor
-    other than the model's, planes smaller than the model's minimum, or a slice profile too wide for exact
-    consistency, and a bundle that is not through-plane.
+    ``axis``: the slice axis (default: the largest spacing); ``scale``: s, one of the factors the model serves
+    (``bundle.scales``; default round(slice spacing / in-plane spacing)); ``thickness``: the slice thickness in mm
+    (default: DICOM SliceThickness where known, else the slice spacing). Raises InputError naming the file for a 2D
+    image, a volume not anisotropic enough (s < 2), a factor the model does not serve, planes smaller than the
+    model's minimum, or a slice profile too wide for exact consistency, and a bundle that is not through-plane.
     """
     check_task_plane(bundle, through_plane=True)
     shape = volume.data.shape[:3]
@@ -293,11 +293,14 @@ def plan_through_plane(
             f"{volume.path}: not anisotropic enough for --through-plane: slices every {spacing:g} mm over "
             f"{in_plane:g} mm in-plane make x{factor} (x2 or more needed; --through-plane-scale sets it)"
         )
-    if factor != bundle.scale:
+    if factor not in bundle.scales:
+        served = ", ".join(f"x{s}" for s in bundle.scales)
+        choices = "; ".join(f"--through-plane-scale {s} gives {spacing / s:g} mm" for s in bundle.scales)
+        wanted = f"slices every {spacing:g} mm over {in_plane:g} mm in-plane need"
+        if scale is not None:
+            wanted = f"--through-plane-scale {factor} asks for"
         raise InputError(
-            f"{volume.path}: slices every {spacing:g} mm over {in_plane:g} mm in-plane need x{factor} through-plane, "
-            f"but model {bundle.name!r} upsamples x{bundle.scale}; --through-plane-scale {bundle.scale} gives "
-            f"{spacing / bundle.scale:g} mm"
+            f"{volume.path}: {wanted} x{factor} through-plane, but model {bundle.name!r} upsamples {served}; {choices}"
         )
     source = "--slice-thickness"
     if thickness is None:
@@ -348,10 +351,14 @@ def super_resolve_through_plane(
     relative residuals ||A(SR) - LR|| / ||LR|| of every measured slice (and frame). The affine keeps LR slice i at
     HR voxel s*i + (s-1)/2 along the slice axis.
     """
+    check_task_plane(pipeline.bundle, through_plane=True)
+    if plan.scale != pipeline.bundle.scale:
+        try:
+            bundle = pipeline.bundle.with_scale(plan.scale)
+        except BundleError as exc:
+            raise InputError(f"{prepared.path}: plan x{plan.scale}: {exc}") from None
+        pipeline = LatentSRPipeline(bundle, pipeline.sessions, pipeline.scheduler_config)
     bundle = pipeline.bundle
-    check_task_plane(bundle, through_plane=True)
-    if plan.scale != bundle.scale:
-        raise InputError(f"{prepared.path}: plan x{plan.scale} but model {bundle.name!r} upsamples x{bundle.scale}")
     consistency = options.consistency or bundle.manifest.task.consistency
     check_consistency(consistency, pipeline.degradation)
     plane_options = dataclasses.replace(options, consistency="none")  # the fused volume is projected instead

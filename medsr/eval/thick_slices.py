@@ -412,32 +412,43 @@ class FactorRun:
 
 @dataclass
 class ModelRunner:
-    """A through-plane model for the run: ``run(lr, lr_affine, axis, thickness_mm)`` -> the SR volume on the
-    truth's grid; ``name`` its configuration, ``scale`` the factor it was made for, ``describe`` what it ran with,
+    """A through-plane model for the run: ``run(lr, lr_affine, axis, thickness_mm, factor)`` -> the SR volume on
+    the truth's grid; ``name`` its configuration, ``scales`` the factors it serves, ``describe`` what it ran with,
     ``check`` (same arguments, LR of any content) its refusals without running (:func:`plan_check`)."""
 
     name: str
-    scale: int
-    run: Callable[[np.ndarray, np.ndarray, int, float], np.ndarray]
+    scales: tuple[int, ...]
+    run: Callable[[np.ndarray, np.ndarray, int, float, int], np.ndarray]
     describe: dict = field(default_factory=dict)
-    check: Callable[[np.ndarray, np.ndarray, int, float], None] | None = None
+    check: Callable[[np.ndarray, np.ndarray, int, float, int], None] | None = None
 
 
-def through_plane_runner(pipeline, options, name: str | None = None, describe: dict | None = None) -> ModelRunner:
+def through_plane_runner(
+    pipeline,
+    options,
+    name: str | None = None,
+    describe: dict | None = None,
+    pipeline_for: Callable | None = None,
+) -> ModelRunner:
     """A :class:`ModelRunner` over ``super_resolve_through_plane`` (the core of ``medsr-infer --through-plane``):
     the LR volume is presented as a thick-slice NIfTI Volume (slices every s HR voxels), planned with
-    ``plan_through_plane`` (axis, factor s, slice thickness = fwhm in mm) and run with ``options``."""
+    ``plan_through_plane`` (axis, factor s, slice thickness = fwhm in mm) and run with ``options``; it serves every
+    factor of the bundle's ``scales``. ``pipeline_for(prepared, plan)``, a context manager, gives the pipeline of
+    each volume instead of ``pipeline`` (``medsr-eval through-plane --adapt``: the bundle adapted to that volume)."""
     from medsr.engine.volume import plan_through_plane, prepare_input, super_resolve_through_plane, window_percentiles
 
     bundle = pipeline.bundle
 
-    def run(lr: np.ndarray, lr_affine: np.ndarray, axis: int, thickness_mm: float) -> np.ndarray:
+    def run(lr: np.ndarray, lr_affine: np.ndarray, axis: int, thickness_mm: float, factor: int) -> np.ndarray:
         volume = _thick_volume(lr, lr_affine)
-        plan = plan_through_plane(volume, bundle, axis, bundle.scale, thickness_mm)
+        plan = plan_through_plane(volume, bundle, axis, factor, thickness_mm)
         prepared = prepare_input(volume, window_percentiles(bundle))
-        return super_resolve_through_plane(prepared, lr_affine, pipeline, plan, options).data
+        if pipeline_for is None:
+            return super_resolve_through_plane(prepared, lr_affine, pipeline, plan, options).data
+        with pipeline_for(prepared, plan) as volume_pipeline:
+            return super_resolve_through_plane(prepared, lr_affine, volume_pipeline, plan, options).data
 
-    return ModelRunner(name or bundle.name, bundle.scale, run, describe or {}, plan_check(bundle))
+    return ModelRunner(name or bundle.name, bundle.scales, run, describe or {}, plan_check(bundle))
 
 
 def _thick_volume(lr: np.ndarray, lr_affine: np.ndarray):
@@ -446,13 +457,14 @@ def _thick_volume(lr: np.ndarray, lr_affine: np.ndarray):
     return Volume(Path("the thick slices"), np.asarray(lr, np.float32), lr_affine, "nifti")
 
 
-def plan_check(bundle) -> Callable[[np.ndarray, np.ndarray, int, float], None]:
-    """``check(lr, lr_affine, axis, thickness_mm)``: ``plan_through_plane``'s refusals for ``bundle`` (a wrong
-    task, planes under its minimum, a profile too wide for exact consistency), without running anything."""
+def plan_check(bundle) -> Callable[[np.ndarray, np.ndarray, int, float, int], None]:
+    """``check(lr, lr_affine, axis, thickness_mm, factor)``: ``plan_through_plane``'s refusals for ``bundle`` (a
+    wrong task or factor, planes under its minimum, a profile too wide for exact consistency), without running
+    anything."""
     from medsr.engine.volume import plan_through_plane
 
-    def check(lr: np.ndarray, lr_affine: np.ndarray, axis: int, thickness_mm: float) -> None:
-        plan_through_plane(_thick_volume(lr, lr_affine), bundle, axis, bundle.scale, thickness_mm)
+    def check(lr: np.ndarray, lr_affine: np.ndarray, axis: int, thickness_mm: float, factor: int) -> None:
+        plan_through_plane(_thick_volume(lr, lr_affine), bundle, axis, factor, thickness_mm)
 
     return check
 
@@ -465,13 +477,15 @@ def lr_affine_of(affine: np.ndarray, axis: int, factor: int) -> np.ndarray:
     return np.asarray(affine, np.float64) @ np.linalg.inv(upsample_affine_along(np.eye(4), axis, factor))
 
 
-def check_model_factors(name: str, scale: int, settings: ThickSliceSettings) -> None:
-    """Refuse factors a model (``name``, made for x``scale``) was not made for, in one line."""
-    other = [f for f in settings.factors if f != scale]
+def check_model_factors(name: str, scales: tuple[int, ...], settings: ThickSliceSettings) -> None:
+    """Refuse factors a model (``name``, serving the factors ``scales``) was not made for, in one line."""
+    other = [f for f in settings.factors if f not in scales]
     if other:
+        served = ", ".join(f"x{s}" for s in scales)
+        give = f"--factor {scales[0]}" if len(scales) == 1 else f"--factor among {', '.join(map(str, scales))}"
         raise InputError(
-            f"model {name!r} upsamples x{scale} through-plane, but --factor asks for "
-            f"{', '.join(f'x{f}' for f in other)}; give --factor {scale} (or run the baselines without --model)"
+            f"model {name!r} upsamples {served} through-plane, but --factor asks for "
+            f"{', '.join(f'x{f}' for f in other)}; give {give} (or run the baselines without --model)"
         )
 
 
@@ -499,11 +513,12 @@ def check_runs(volumes: list[TruthVolume], settings: ThickSliceSettings, model: 
         for factor in settings.factors:
             try:
                 if model is not None:
-                    check_model_factors(model.name, model.scale, ThickSliceSettings((factor,), settings.profile))
+                    check_model_factors(model.name, model.scales, ThickSliceSettings((factor,), settings.profile))
                 _, _, lr_shape, lr_affine = _simulated(volume, factor, settings)
                 if model is not None and model.check is not None:
                     lr = np.broadcast_to(np.float32(0), lr_shape)  # the plan reads shapes only
-                    model.check(lr, lr_affine, settings.axis, settings.fwhm_at(factor) * volume.zooms[settings.axis])
+                    thickness_mm = settings.fwhm_at(factor) * volume.zooms[settings.axis]
+                    model.check(lr, lr_affine, settings.axis, thickness_mm, factor)
             except (InputError, ShapeError) as exc:
                 raise type(exc)(f"{volume.name} ({volume.path}) x{factor}: {exc}") from None
 
@@ -516,7 +531,7 @@ def run_factor(
 ) -> FactorRun:
     """Simulate, super-resolve and measure one volume at one factor (module docstring)."""
     if model is not None:
-        check_model_factors(model.name, model.scale, ThickSliceSettings((factor,), settings.profile, settings.fwhm))
+        check_model_factors(model.name, model.scales, ThickSliceSettings((factor,), settings.profile, settings.fwhm))
     axis = settings.axis
     truth, affine, _, lr_affine = _simulated(truth_volume, factor, settings)
     truth = np.ascontiguousarray(truth, np.float32)
@@ -529,7 +544,7 @@ def run_factor(
     if model is not None:
         started = time.perf_counter()
         thickness_mm = acquisition.fwhm * truth_volume.zooms[axis]
-        run.outputs[model.name] = np.asarray(model.run(lr, lr_affine, axis, thickness_mm), np.float32)
+        run.outputs[model.name] = np.asarray(model.run(lr, lr_affine, axis, thickness_mm, factor), np.float32)
         run.seconds[model.name] = time.perf_counter() - started
     for method in settings.baselines:
         started = time.perf_counter()

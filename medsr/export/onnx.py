@@ -165,6 +165,7 @@ def build_manifest(
             degradation=degradation,
             consistency=preset.consistency,
             plane=preset.plane,
+            scales=preset.trained_scales,
         ),
         vae=Vae(
             downsample_factor=preset.vae_factor,

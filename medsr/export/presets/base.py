@@ -92,6 +92,15 @@ class Preset:
         """Upsampling factor of each plane axis (H, W): (s, s) in-plane, (1, s) through-plane."""
         return (1, self.scale) if self.plane == THROUGH_PLANE else (self.scale, self.scale)
 
+    def crop_multiple(self, scale: int | None = None) -> int:
+        """Square HR training crops at factor ``scale`` (default ``scale``) have sides a multiple of this: in-plane
+        the LR crop (side / s) must be a multiple of ``lr_multiple``; through-plane only the second axis is thinned,
+        so the side must be a multiple of s and of ``lr_multiple`` (the first axis is the LR's own)."""
+        scale = scale or self.scale
+        if self.plane == THROUGH_PLANE:
+            return math.lcm(self.lr_multiple, scale)
+        return self.lr_multiple * scale
+
     @property
     def lr_multiple(self) -> int:
         """LR sizes must be multiples of this: the LR latent is LR/f and the HR latent s*LR/f must pass the UNet's

@@ -9,7 +9,6 @@ and training_target), so training and sampling cannot disagree on the schedule.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +39,7 @@ class DenoiserConfig:
 
     Attributes:
         pairs: number of cached HR/LR crop pairs (drawn once from the data with the loop's seed).
-        crop: HR crop size in pixels, a multiple of the preset's ``lr_multiple * scale``.
+        crop: HR crop size in pixels, a multiple of the preset's ``crop_multiple()``.
         loss: ``"l1"`` (the paper's) or ``"l2"`` between the model output and the target.
         terminal_fraction: the fraction of each batch trained at the noisiest time (pure noise in, x0 from the
             LR latent alone), where a 1-step trailing sampler evaluates the model; the rest is uniform in time.
@@ -97,7 +96,7 @@ def build_latent_cache(run_dir: Path, vae, preset: Preset, slices: list[Slice], 
     A through-plane preset's LR crops are its thick slices along the crops' second axis (1 x s).
 
     A preset trained for several factors (``Preset.scales``) gets ``pairs / len(scales)`` crops per factor, each
-    of the smallest size >= ``crop`` that is a multiple of both s and ``lr_multiple``, and the cache holds one list
+    of the smallest size >= ``crop`` that is a multiple of ``Preset.crop_multiple(s)``, and the cache holds one list
     entry per factor: :func:`crop_batch` cuts every training sample to ``crop`` from them.
     """
     from safetensors.torch import load_file, save_file
@@ -119,10 +118,10 @@ def build_latent_cache(run_dir: Path, vae, preset: Preset, slices: list[Slice], 
     through_plane = preset.plane == THROUGH_PLANE  # the preset's thick slices along the crops' second axis
     cache = {}
     for scale, (hr_key, lr_key) in zip(scales, keys):
-        multiple = preset.lr_multiple * scale if len(scales) == 1 else math.lcm(preset.lr_multiple, scale)
+        multiple = preset.crop_multiple(scale)
         crop = objective.crop if len(scales) == 1 else -(-objective.crop // multiple) * multiple
         if crop % multiple:
-            raise ShapeError(f"denoiser crop {crop} must be a multiple of lr_multiple * scale = {multiple}")
+            raise ShapeError(f"denoiser crop {crop} must be a multiple of {multiple} (Preset.crop_multiple)")
         pairs = random_crop_pairs(
             slices,
             objective.pairs // len(scales),
