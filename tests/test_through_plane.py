@@ -422,3 +422,21 @@ def test_shared_noise_gives_identical_planes_whatever_the_batch(pipeline, tile_s
     np.testing.assert_array_equal(one[0], one[2])
     per_plane = pipeline.super_resolve(lr, dataclasses.replace(options, noise="per-plane")).images
     assert not np.array_equal(per_plane[0], per_plane[1])
+
+
+def test_long_thin_planes_run_whole_and_only_a_long_sr_side_tiles(pipeline, monkeypatch):
+    """Through-plane planes are long along their first axis, which is not upsampled: a 200 x 16 plane at x4
+    (200 x 64) runs whole under the default tile size of 128 LR pixels, because the SR sides are compared with
+    128 x 4; a plane whose SR has a side over 512 runs in tiles."""
+    import medsr.engine.pipeline as pipeline_module
+
+    tiled = []
+    original = pipeline_module.super_resolve_tiled
+    monkeypatch.setattr(pipeline_module, "super_resolve_tiled", lambda *a, **k: tiled.append(1) or original(*a, **k))
+    planes = np.random.default_rng(0).uniform(-1, 1, (2, 200, 16)).astype(np.float32)
+    whole = pipeline.super_resolve(planes, SamplingOptions(tile_size=None, consistency="none"))
+    default = pipeline.super_resolve(planes, SamplingOptions(consistency="none"))
+    assert not tiled
+    np.testing.assert_array_equal(default.images, whole.images)
+    pipeline.super_resolve(np.zeros((1, 16, 136), np.float32), SamplingOptions(consistency="none"))
+    assert tiled  # 16 x 544 SR: a side over 128 x 4

@@ -127,7 +127,8 @@ from medsr.io.formats import OUTPUT_FORMATS
     type=click.IntRange(min=0),
     default=128,
     show_default=True,
-    help="Slices with a side longer than this (LR pixels) run in overlapping tiles of this size; 0: never.",
+    help="Slices whose SR has a side longer than this times the scale run in overlapping tiles of this many LR "
+    "pixels (in-plane: an LR side longer than this); 0: never.",
 )
 @click.option(
     "--tile-overlap",

@@ -48,8 +48,10 @@ class SamplingOptions:
     central k-space block by the LR's (a ``kspace`` degradation only); ``"backproject"`` iterates back-projection;
     ``"none"`` leaves the decoder output as it is.
 
-    ``tile_size``: slices with a side longer than this many LR pixels run in overlapping tiles of that size, sharing
-    at least ``tile_overlap`` LR pixels, blended in the SR domain (medsr.engine.tiling); None never tiles.
+    ``tile_size``: slices whose SR has a side longer than this many LR pixels times the scale s run in overlapping
+    tiles of that many LR pixels, sharing at least ``tile_overlap`` LR pixels, blended in the SR domain
+    (medsr.engine.tiling); None never tiles. In-plane that is an LR side longer than ``tile_size``; through-plane,
+    where the planes' first axis is not upsampled, a plane of 217 x 45 LR pixels at x4 (217 x 180) runs whole.
     ``batch_size`` then counts tiles.
 
     ``noise``: ``"per-plane"`` seeds slice i with ``default_rng([seed, i])``; ``"shared"`` gives every slice of one
@@ -148,7 +150,7 @@ class LatentSRPipeline:
         check_consistency(consistency, self.degradation)
         f_h, f_w = self.bundle.factors
         out = np.empty((lr.shape[0], lr.shape[1] * f_h, lr.shape[2] * f_w), dtype=np.float32)
-        if options.tile_size is not None and max(lr.shape[1:]) > options.tile_size:
+        if options.tile_size is not None and max(out.shape[1:]) > options.tile_size * self.bundle.scale:
             self._super_resolve_tiled(lr, out, options, consistency, progress, first_index, stack)
             return SRResult(images=out, residuals=consistency_residual(out, lr.astype(np.float32), self.degradation))
         for start in range(0, lr.shape[0], options.batch_size):

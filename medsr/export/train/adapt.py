@@ -9,8 +9,8 @@ normalized with the window the engine fits on the volume (medsr.engine.volume.pr
 the bundle's frozen VAE (medsr.export.train.denoiser.build_latent_cache).
 
 The denoiser starts from the bundle's PyTorch reference weights (``torch/``) and trains on the bundle's own
-objective (the manifest's scheduler; the loss and terminal fraction its recipe recorded) with AdamW at a constant
-learning rate, for at most a number of steps or seconds. The crops are drawn from ``seed`` and step k's batch,
+objective (the manifest's scheduler; the loss and terminal fraction its recipe recorded) with AdamW and a cosine
+learning-rate decay over the budget, for at most a number of steps or seconds. The crops are drawn from ``seed`` and step k's batch,
 noise and timesteps from ``step_rng(seed, k)`` (medsr.export.train.loop), so a seed fixes the adapted weights for a
 given step count. The adapted networks are exported as a validated bundle (medsr.export.onnx.export_bundle) for the
 torch-free engine; its ``provenance.recipe_config.adapted`` says what it was adapted to and how.
@@ -61,7 +61,8 @@ class AdaptConfig:
         seconds: steps start until this many seconds of fine-tuning have passed (None: no time limit); the crops'
             encoding before and the export after are not counted. At least one of the two limits is required.
         seed: the seed of the crops and of every step.
-        lr: the constant AdamW learning rate (a modest one: the weights start trained).
+        lr: the peak AdamW learning rate, decayed by a cosine over the step or time budget (docs/through_plane.md
+            has the measurement that chose it and the batch and pair counts).
         weight_decay: AdamW decoupled weight decay.
         grad_clip: max global gradient L2 norm; 0 disables clipping.
         batch_size: crops per step.
@@ -74,11 +75,11 @@ class AdaptConfig:
     steps: int | None = None
     seconds: float | None = 150.0
     seed: int = 0
-    lr: float = 1e-4
+    lr: float = 6e-4
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    batch_size: int = 8
-    pairs: int = 256
+    batch_size: int = 16
+    pairs: int = 1024
     crop: int = 64
     eval_pairs: int = 64
 
@@ -137,16 +138,15 @@ def bundle_preset(bundle: Bundle, scale: int) -> Preset:
 def bundle_objective(bundle: Bundle, pairs: int, crop: int) -> DenoiserConfig:
     """The denoiser objective ``bundle`` was trained with: the loss and terminal fraction of its recipe
     (``provenance.recipe_config.denoiser``, what medsr-train recipes and adapted bundles record), else
-    DenoiserConfig's defaults; no contrast copies (the volume's own contrast is the one to fit)."""
+    DenoiserConfig's defaults; no contrast copies (the volume's own contrast is the one to fit). A bundle sampled in
+    one trailing step is adapted at the noisiest time only (terminal fraction 1), the one time it is run at."""
     recipe = bundle.manifest.provenance.recipe_config or {}
     recorded = recipe.get("denoiser") or {}
     defaults = DenoiserConfig()
-    return DenoiserConfig(
-        pairs=pairs,
-        crop=crop,
-        loss=recorded.get("loss", defaults.loss),
-        terminal_fraction=recorded.get("terminal_fraction", defaults.terminal_fraction),
-    )
+    terminal = recorded.get("terminal_fraction", defaults.terminal_fraction)
+    if bundle.manifest.scheduler.default_steps == 1 and bundle.manifest.scheduler.timestep_spacing == "trailing":
+        terminal = 1.0  # the 1-step sampler evaluates the model at the noisiest time only: adapt it there
+    return DenoiserConfig(pairs=pairs, crop=crop, loss=recorded.get("loss", defaults.loss), terminal_fraction=terminal)
 
 
 def adaptation_degradation(plan: ThroughPlanePlan) -> ThickSlicePlanes:
@@ -215,9 +215,9 @@ def adapt_model(
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     step, started = 0, time.perf_counter()
     with tqdm(total=config.steps, desc="adapting", unit="step", disable=disable) as bar:
-        while (config.steps is None or step < config.steps) and (
-            config.seconds is None or time.perf_counter() - started < config.seconds
-        ):
+        while (progress := _progress(config, step, time.perf_counter() - started)) < 1.0:
+            for group in optimizer.param_groups:  # cosine decay over the step or time budget, whichever runs out first
+                group["lr"] = config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
             rng, _ = step_rng(config.seed, step)
             index = rng.integers(0, len(hr), size=config.batch_size)
             loss = denoiser_loss(model, hr[index], lr[index], scheduler, objective, rng, device)
@@ -259,6 +259,12 @@ def adapt_model(
         "time_limit_s": config.seconds,
     }
     return AdaptedModel(vae.cpu().eval(), unet.cpu().eval(), preset, objective, record)
+
+
+def _progress(config: AdaptConfig, step: int, elapsed: float) -> float:
+    """How much of the adaptation budget is spent, in [0, 1]: the larger of the step and time fractions."""
+    fractions = [step / config.steps if config.steps else 0.0, elapsed / config.seconds if config.seconds else 0.0]
+    return min(1.0, max(fractions))
 
 
 @torch.no_grad()
