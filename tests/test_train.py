@@ -45,16 +45,22 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def slices() -> list[Slice]:
-    """Eight smooth 48 x 48 images in [-1, 1] (cumulative sums of noise): structure a model can learn quickly."""
+def smooth_slices(size: int, count: int = 8) -> list[Slice]:
+    """``count`` smooth ``size`` x ``size`` images in [-1, 1] (cumulative sums of noise): structure a model can learn
+    quickly."""
     rng = np.random.default_rng(0)
     out = []
-    for index in range(8):
-        image = np.cumsum(np.cumsum(rng.standard_normal((48, 48)), axis=0), axis=1)
+    for index in range(count):
+        image = np.cumsum(np.cumsum(rng.standard_normal((size, size)), axis=0), axis=1)
         image = 2 * (image - image.min()) / (image.max() - image.min()) - 1
         out.append(Slice("synthetic", "mri", 2, index, image.astype(np.float32)))
     return out
+
+
+@pytest.fixture(scope="module")
+def slices() -> list[Slice]:
+    """Eight smooth 48 x 48 images."""
+    return smooth_slices(48)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from safetensors.torch import load_file
+from test_train import one_thread, smooth_slices  # noqa: F401 (one_thread: an autouse fixture)
 
 from medsr.bundle.conditioning import UPSAMPLED, Conditioning
 from medsr.cli.train import RECIPE_NAMES
@@ -33,24 +34,10 @@ MULTI = dataclasses.replace(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def slices() -> list[Slice]:
-    """Eight smooth 72 x 72 images in [-1, 1] (cumulative sums of noise)."""
-    rng = np.random.default_rng(0)
-    out = []
-    for index in range(8):
-        image = np.cumsum(np.cumsum(rng.standard_normal((72, 72)), axis=0), axis=1)
-        image = 2 * (image - image.min()) / (image.max() - image.min()) - 1
-        out.append(Slice("synthetic", "mri", 2, index, image.astype(np.float32)))
-    return out
+    """Eight smooth 72 x 72 images (72: room for the 24-pixel multiple of factor 3)."""
+    return smooth_slices(72)
 
 
 def test_recipe_names_known_to_the_cli_are_the_registry():

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from medsr.cli.common import medsr_errors, run_command, torch_reference
-from medsr.cli.model import MODEL_HELP
+from medsr.cli.model import MODEL_HELP, adapt_limit_options
 from medsr.engine.precision import precision_choices
 from medsr.engine.select import AUTO_ENGINE, ENGINE_CHOICES, ENGINE_HELP, PRECISION_DEFAULT_HELP
 
@@ -306,12 +306,7 @@ TORCH_FREE_ENGINES = tuple(e for e in ENGINE_CHOICES if e != "torch")
     help="Fine-tune the model on each simulated volume's own in-plane planes before running it (as medsr-infer "
     "--adapt; its seconds count in the volume's time). Needs PyTorch (medsr[torch]).",
 )
-@click.option(
-    "--adapt-time",
-    type=click.FloatRange(min=0, min_open=True),
-    help="With --adapt: fine-tune for at most this long (default 150; no time limit with --adapt-steps alone).",
-)
-@click.option("--adapt-steps", type=click.IntRange(min=1), help="With --adapt: fine-tune for at most this many steps.")
+@adapt_limit_options
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: the available cores).")
 @click.option("--no-figures", is_flag=True, help="Skip the PNG panels and continuity plots.")
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")

@@ -11,7 +11,7 @@ import click
 
 from medsr.bundle.scheduler import ALGORITHMS
 from medsr.cli.common import medsr_errors, run_command, torch_reference
-from medsr.cli.model import INFER_MODEL_HELP
+from medsr.cli.model import INFER_MODEL_HELP, adapt_limit_options
 from medsr.degrade import CONSISTENCY_MODES
 from medsr.engine.pipeline import NOISE_MODES
 from medsr.engine.precision import describe_precisions, precision_choices
@@ -101,13 +101,7 @@ from medsr.io.formats import OUTPUT_FORMATS
     "along one in-plane axis), for --adapt-time or --adapt-steps, then run the adapted model on the chosen engine; "
     "each input of a batch gets its own adapted model. Needs PyTorch (medsr[torch]).",
 )
-@click.option(
-    "--adapt-time",
-    type=click.FloatRange(min=0, min_open=True),
-    metavar="SECONDS",
-    help="With --adapt: fine-tune for at most this long (default 150; no time limit with --adapt-steps alone).",
-)
-@click.option("--adapt-steps", type=click.IntRange(min=1), help="With --adapt: fine-tune for at most this many steps.")
+@adapt_limit_options
 @click.option(
     "--adapt-save",
     type=click.Path(path_type=Path),

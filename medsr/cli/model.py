@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import click
+
 #: Help text of every ``--model`` option that falls back to the bundled default.
 MODEL_HELP = "Model bundle directory (default: the bundled one)."
 #: ``medsr-infer``'s, which falls back to the bundled model of the task asked for.
@@ -23,6 +25,20 @@ def load_model(model: Path | None, through_plane: bool = False):
             kind = "through-plane model" if through_plane else "default model"
             raise BundleError(f"no {kind} is bundled with this installation; pass --model BUNDLE")
     return load_bundle(model)
+
+
+def adapt_limit_options(command):
+    """``--adapt-time`` and ``--adapt-steps``, the limits of ``--adapt`` (medsr-infer, medsr-eval through-plane)."""
+    steps = click.option(
+        "--adapt-steps", type=click.IntRange(min=1), help="With --adapt: fine-tune for at most this many steps."
+    )
+    time_limit = click.option(
+        "--adapt-time",
+        type=click.FloatRange(min=0, min_open=True),
+        metavar="SECONDS",
+        help="With --adapt: fine-tune for at most this long (default 150; no time limit with --adapt-steps alone).",
+    )
+    return time_limit(steps(command))
 
 
 def adaptation(seed: int, seconds: float | None, steps: int | None):
