@@ -10,7 +10,8 @@ Precisions (``--precision`` of ``--engine trt``, medsr.engine.precision.PRECISIO
   fp32 for the whole graph when no island passes. Normalization layers are not pinned: TensorRT computes them in
   fp32 already (docs/sources.md, "GPU engines").
 - ``fp16-all``: fp16 everywhere (fastest; only where parity allows it).
-- ``bf16``: bf16 with the same islands (unmeasured: ONNX Runtime has no bf16 CPU kernels), Ampere and newer.
+- ``bf16``: bf16 with the same islands, decided on an emulation of bf16 storage with fp32 arithmetic (ONNX
+  Runtime has no bf16 CPU kernels; medsr.engine.mixed_precision), Ampere and newer.
 - ``auto``: fp16 per graph where the end-to-end parity gate of medsr.engine.precision passes, fp32 elsewhere
   (resolved by medsr.engine.trt.open_trt_sessions before anything is built here).
 
