@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -110,3 +112,69 @@ def test_backend_modules_import_without_torch(module):
     code = f"import sys; sys.modules['torch'] = None; sys.modules['diffusers'] = None; import {module}"
     run = run_python(code)
     assert run.returncode == 0, run.stderr
+
+
+class CudaStandIn:
+    """ONNX Runtime as a CUDA install would present it, computing on the CPU provider underneath: it records the
+    CUDA provider options of every session, and refuses ``enable_cuda_graph`` as ONNX Runtime does when a node of
+    the graph is not on the CUDA EP (when ``refuse_graphs``)."""
+
+    def __init__(self, monkeypatch, refuse_graphs: bool):
+        self.opened: list[tuple[str, dict]] = []
+        real = ort.InferenceSession
+
+        def session(path, sess_options=None, providers=None):
+            name, options = providers[0]
+            self.opened.append((path.rsplit("/", 1)[-1], dict(options)))
+            if refuse_graphs and options.get("enable_cuda_graph") == "1":
+                raise ort.capi.onnxruntime_pybind11_state.Fail(
+                    "This session cannot use the graph capture feature as requested by the user as all compute "
+                    "graph nodes have not been partitioned to the CUDAExecutionProvider"
+                )
+            inner = real(path, sess_options=sess_options, providers=["CPUExecutionProvider"])
+            inner.get_providers = lambda: [name, "CPUExecutionProvider"]
+            return inner
+
+        monkeypatch.setattr(ort, "InferenceSession", session)
+        monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+
+
+class FakeStream:
+    ptr = 0xC0DA
+
+
+class FakeCupy:
+    class cuda:  # the cupy.cuda namespace
+        @staticmethod
+        def Stream(non_blocking=False):
+            assert non_blocking
+            return FakeStream()
+
+
+@pytest.mark.parametrize("refuse_graphs", [False, True])
+def test_the_cuda_denoiser_replays_cuda_graphs_where_onnxruntime_allows(tiny_bundle, monkeypatch, refuse_graphs):
+    stand_in = CudaStandIn(monkeypatch, refuse_graphs)
+    monkeypatch.setattr(sessions_module, "import_cupy", lambda: FakeCupy)
+    bundle = load_bundle(tiny_bundle)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opened = sessions_module.open_ort_sessions(bundle, device="cuda", threads=1)
+    refusals = [str(w.message) for w in caught if "refused CUDA graphs" in str(w.message)]
+    assert len(refusals) == refuse_graphs
+    assert all("not been partitioned to the CUDAExecutionProvider" in line for line in refusals)
+    denoiser = bundle.graph_path("denoiser").name
+    assert opened["denoiser"].cuda_graph is not refuse_graphs
+    assert not opened["vae_encoder"].cuda_graph and not opened["vae_decoder"].cuda_graph
+    attempts = [options for name, options in stand_in.opened if name == denoiser]
+    assert [a.get("enable_cuda_graph") for a in attempts] == (["1", None] if refuse_graphs else ["1"])
+    assert all(a["user_compute_stream"] == str(FakeStream.ptr) for a in attempts)
+    asked = [name for name, options in stand_in.opened if options.get("enable_cuda_graph") == "1"]
+    assert asked == [denoiser]  # the encoder and decoder, run once per batch at moving addresses, never ask
+
+
+def test_without_cupy_the_cuda_denoiser_asks_for_no_cuda_graph(tiny_bundle, monkeypatch):
+    stand_in = CudaStandIn(monkeypatch, refuse_graphs=False)
+    monkeypatch.setattr(sessions_module, "import_cupy", lambda: None)
+    opened = sessions_module.open_ort_sessions(load_bundle(tiny_bundle), device="cuda", threads=1)
+    assert not opened["denoiser"].cuda_graph
+    assert all("enable_cuda_graph" not in options for _, options in stand_in.opened)

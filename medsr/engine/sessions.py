@@ -15,6 +15,7 @@ when it is imported (the command-line layer does so for ``--engine torch``), see
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -36,7 +37,8 @@ ENGINES = tuple(PRECISIONS)  # ort, torch, trt, openvino
 class Session(Protocol):
     """A loaded graph that maps named input arrays to named output arrays.
 
-    A session may also offer ``bind(input shapes, output shapes)``, buffers on its device bound once
+    ``device`` (optional, "cpu" when absent) says where it computes: "cpu" or "cuda". A session may also offer
+    ``bind(input shapes, output shapes)``, buffers on its device bound once
     (medsr.engine.device_loop.BoundGraph), so that the denoising loop keeps its latents there; and
     ``run_outputs(feeds, names)``, a run fetching only some outputs (medsr.engine.sessions.run_outputs).
     """
@@ -277,8 +279,40 @@ class OrtSession:
 
 
 def open_ort_sessions(bundle, device: str = "cpu", threads: int | None = None) -> dict[str, OrtSession]:
-    """An OrtSession for each graph of ``bundle`` (a medsr.bundle.Bundle), keyed by graph name."""
-    return {name: OrtSession(entry.path, device=device, threads=threads) for name, entry in bundle.graphs.items()}
+    """An OrtSession for each graph of ``bundle`` (a medsr.bundle.Bundle), keyed by graph name; on CUDA the
+    denoiser, which runs every step at the fixed shapes of its bindings, replays CUDA graphs where ONNX Runtime
+    allows them (:func:`replaying_denoiser`)."""
+    sessions = {}
+    for name, entry in bundle.graphs.items():
+        if device == "cuda" and name == "denoiser":
+            sessions[name] = replaying_denoiser(entry.path, threads)
+        else:
+            sessions[name] = OrtSession(entry.path, device=device, threads=threads)
+    return sessions
+
+
+def replaying_denoiser(path: str | os.PathLike, threads: int | None = None) -> OrtSession:
+    """The denoiser's CUDA OrtSession, capturing each binding's run as a CUDA graph and replaying it.
+
+    Requested only with CuPy, whose device loop keeps the loop's tensors at fixed addresses (medsr.engine.
+    device_loop), which a replayed graph needs. ONNX Runtime refuses the option when a node of the graph is placed
+    outside the CUDA EP (a shape computation on the CPU, say); the session then opens without it and one warning
+    gives ONNX Runtime's reason. A replayed graph runs the same kernels on the same buffers, so results do not
+    change, only the launch overhead of each step.
+    """
+    if import_cupy() is None:
+        return OrtSession(path, device="cuda", threads=threads)
+    try:
+        return OrtSession(path, device="cuda", threads=threads, cuda_graph=True)
+    except BackendError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's Fail/InvalidArgument: retried without the option
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        warnings.warn(
+            f"{Path(path).name}: onnxruntime refused CUDA graphs ({reason}); each step launches its kernels",
+            stacklevel=2,
+        )
+        return OrtSession(path, device="cuda", threads=threads)
 
 
 #: ``opener(bundle, device, threads, precision) -> {graph: Session}`` of each registered engine.
