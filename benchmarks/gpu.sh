@@ -67,6 +67,13 @@ $PY -c "from medsr.cli.bench import main; main()" --device cuda \
   --work-dir /tmp/medsr-bench -o "$OUT_DIR" --tag gpu 2>"$OUT_DIR/gpu-bench.log"
 status=$?
 tail -5 "$OUT_DIR/gpu-bench.log"
+for engine in ort trt; do  # host stages overlapped with the GPU engine within one volume, and not
+  if printf '%s\n' "${ENGINES[@]}" | grep -q "^$engine"; then
+    $PY benchmarks/volume_overlap.py --engine "$engine" --device cuda --steps 1 --repeats 5 \
+      --tag "volume-overlap-gpu-$engine" >"$OUT_DIR/volume-overlap-gpu-$engine.log" 2>&1 || status=1
+    cp benchmarks/results/"volume-overlap-gpu-$engine.json" "$OUT_DIR/" 2>/dev/null
+  fi
+done
 echo "== skipped"
 cat "$SKIPPED"
 if [ -f "$OUT_DIR/gpu.md" ]; then

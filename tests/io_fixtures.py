@@ -173,3 +173,12 @@ def nifti_world_centres(affine: np.ndarray, shape) -> np.ndarray:
     """World (RAS mm) of every voxel centre of a (X, Y, Z) grid: (X, Y, Z, 3)."""
     index = np.stack(np.meshgrid(*[np.arange(n) for n in shape[:3]], indexing="ij"), axis=-1)
     return index @ np.asarray(affine)[:3, :3].T + np.asarray(affine)[:3, 3]
+
+
+class StandInPipeline:
+    """The batch interface of medsr.engine.pipeline.LatentSRPipeline over a stand-in's own ``super_resolve(lr,
+    options, progress=None, first_index=0) -> SRResult``, batch by batch on the calling thread."""
+
+    def super_resolve_batches(self, batches, options, sink, progress=None, trace=None, overlap=True):
+        for batch in batches:
+            sink(batch, self.super_resolve(batch.lr, options, first_index=batch.first_index))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from io_fixtures import radiograph_crop, smooth_image, write_nifti
+from io_fixtures import StandInPipeline, radiograph_crop, smooth_image, write_nifti
 from PIL import Image
 
 pytest.importorskip("torch")
@@ -27,7 +27,7 @@ from medsr.io.inputs import Job
 PRESET = "latentsr-medvae-4x1"
 
 
-class RecordingPipeline:
+class RecordingPipeline(StandInPipeline):
     """Records the planes medsr-infer hands the pipeline, clipped to [-1, 1] as the pipeline clips them for its
     networks, by plane index; returns blank SR planes."""
 

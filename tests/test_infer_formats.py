@@ -12,7 +12,15 @@ import pydicom
 import pytest
 from click.testing import CliRunner
 from fresh_python import run_python
-from io_fixtures import ct5n_dir, hash_tree, oblique_affine, radiograph_crop, smooth_image, write_nifti
+from io_fixtures import (
+    StandInPipeline,
+    ct5n_dir,
+    hash_tree,
+    oblique_affine,
+    radiograph_crop,
+    smooth_image,
+    write_nifti,
+)
 from PIL import Image
 
 from medsr.bundle import load_bundle
@@ -109,7 +117,7 @@ def test_4d_every_frame_or_one_and_oblique_geometry(tiny_bundle, tmp_path):
         )
 
 
-class _NearestPipeline:
+class _NearestPipeline(StandInPipeline):
     """A stand-in pipeline whose SR slice is the nearest-neighbour upsampling of its LR slice, in model units."""
 
     def __init__(self, bundle):

@@ -60,6 +60,7 @@ class TorchVariantSession:
         self.session, self.variant = session, variant
         self.input_names, self.output_names = session.input_names, session.output_names
         self.providers = (f"{session.providers[0]}-{variant}",)
+        self.device = session.device
         if variant == "compile":
             session.module = torch.compile(session.module)
 

@@ -65,7 +65,9 @@ class InferSettings:
     ``through_plane``: upsample along the slice axis with a through-plane model (medsr.engine.volume), by
     ``through_plane_scale`` (None: from the spacings) with slices ``slice_thickness`` mm thick (None: DICOM
     SliceThickness, else the slice spacing). ``overlap``: a local batch reads the next input and writes the previous
-    output while the engine runs (:func:`run_batch_jobs`); False runs the stages one after the other.
+    output while the engine runs (:func:`run_batch_jobs`), and, when the engine is not on the CPU, within each volume
+    the next batch of planes is prepared and the previous one finished while the engine runs (medsr.engine.volume);
+    False runs every stage one after the other.
     """
 
     options: SamplingOptions = field(default_factory=SamplingOptions)
@@ -223,12 +225,15 @@ def compute_prepared(
     started = time.perf_counter()
     volume = prepared.volume
     plan = prepared.plan
+    overlap = None if settings.overlap else False  # None: within the volume only where the engine is off the CPU
     if plan is None:
         result = super_resolve_volume(
-            prepared.image, volume.affine, pipeline, prepared.axis, settings.options, progress
+            prepared.image, volume.affine, pipeline, prepared.axis, settings.options, progress, overlap
         )
     else:
-        result = super_resolve_through_plane(prepared.image, volume.affine, pipeline, plan, settings.options, progress)
+        result = super_resolve_through_plane(
+            prepared.image, volume.affine, pipeline, plan, settings.options, progress, overlap
+        )
     provenance = {
         **provenance_of(pipeline, settings),
         "input": volume.path.name,

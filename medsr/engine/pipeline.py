@@ -16,12 +16,22 @@ applied on the device; other sessions loop through the host. Both give the same 
 
 Shapes: an in-plane task maps (N, h, w) LR slices to (N, s*h, s*w); a through-plane task maps (N, h, w) planes
 whose second axis is the slice direction to (N, h, s*w) (``bundle.factors``).
+
+Overlap: :meth:`LatentSRPipeline.super_resolve_batches` runs each batch in three stages, host in (the caller's
+normalization as it draws the batch, clipping, padding, the conditioning upsampling), engine (encoder, denoising
+loop, decoder) and host out (data consistency, residuals, the caller's denormalization and write). With
+``overlap`` one background thread runs the host stages of batch k + 1 and k - 1 while the engine runs batch k on the
+calling thread, at most one batch ahead and one behind: at GPU speed the host stages take about as long as the model
+(docs/sources.md, "GPU engines"), and the engines release the GIL while they run. Every batch goes through the same
+stages in the same order, so the results are the same bit for bit either way.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -87,6 +97,52 @@ class SRResult:
     residuals: np.ndarray
 
 
+@dataclass(frozen=True)
+class PlaneBatch:
+    """A batch of LR planes for :meth:`LatentSRPipeline.super_resolve_batches`.
+
+    ``lr``: (n, h, w) normalized to the model range, not clipped (data consistency sees the measured values);
+    plane i is seeded as index ``first_index + i`` of ``stack`` (SamplingOptions.generators); ``key``: where its
+    result goes, handed back to the sink with it.
+    """
+
+    lr: np.ndarray
+    first_index: int = 0
+    stack: int = 0
+    key: Any = None
+
+
+#: ``sink(batch, result)``: receives each batch's SRResult, in batch order, on the host-stage thread.
+Sink = Callable[[PlaneBatch, SRResult], None]
+
+
+@dataclass(frozen=True)
+class _HostBatch:
+    """A batch after its host-in stage: the measured planes as float32, the network input (None: the planes run in
+    tiles), and the seeds."""
+
+    batch: PlaneBatch
+    measured: np.ndarray
+    image: np.ndarray | None
+    rngs: list[np.random.Generator]
+    indices: list[int]
+
+
+class _Inline:
+    """The executor of ``overlap=False``: each task runs at once on the calling thread."""
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except Exception as exc:  # noqa: BLE001 - re-raised by result(), where the overlapped run raises it too
+            future.set_exception(exc)
+        return future
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        pass
+
+
 def pad_to_multiple(images: np.ndarray, multiple: int) -> np.ndarray:
     """Pad (N, H, W) at the bottom and right to multiples of ``multiple`` by mirroring (edge repeat when the pad is
     larger than the image). Crop the result back with the original size times the scale."""
@@ -122,6 +178,13 @@ class LatentSRPipeline:
         self.conditioning = bundle.conditioning
         self.degradation = bundle.manifest.task.degradation
 
+    @property
+    def engine_on_host(self) -> bool:
+        """Whether the denoiser computes on the host CPU (its session's ``device``; "cpu" when it has none). The
+        engine then keeps every core busy, so overlapping the host stages with it gains nothing: measured 0.97x (2
+        cores, ONNX Runtime, benchmarks/results/volume-overlap-cpu.md)."""
+        return getattr(self.sessions["denoiser"], "device", "cpu") == "cpu"
+
     def super_resolve(
         self,
         lr: np.ndarray,
@@ -130,6 +193,7 @@ class LatentSRPipeline:
         trace: Trace | None = None,
         first_index: int = 0,
         stack: int = 0,
+        overlap: bool | None = None,
     ) -> SRResult:
         """Super-resolve (N, h, w) LR slices normalized to the model range to (N, f_H*h, f_W*w) float32 (the
         bundle's factors: s x s in-plane, 1 x s through-plane).
@@ -140,47 +204,124 @@ class LatentSRPipeline:
         ``progress(n)`` is called after each batch with the number of slices it held. Slice i is seeded and traced
         as index ``first_index + i`` (a volume's frames continue the numbering); with shared noise every slice uses
         the field of ``stack`` (SamplingOptions.noise). Slices larger than ``options.tile_size`` run in tiles, one
-        slice at a time, and are not traced.
+        slice at a time, and are not traced. ``overlap``: see :meth:`super_resolve_batches`.
         """
         if lr.ndim != 3:
             raise ShapeError(f"expected LR slices shaped (N, H, W), got {lr.shape}")
         if options.batch_size < 1:
             raise ShapeError(f"batch size must be >= 1, got {options.batch_size}")
-        consistency = options.consistency or self.bundle.manifest.task.consistency
-        check_consistency(consistency, self.degradation)
         f_h, f_w = self.bundle.factors
         out = np.empty((lr.shape[0], lr.shape[1] * f_h, lr.shape[2] * f_w), dtype=np.float32)
-        if options.tile_size is not None and max(out.shape[1:]) > options.tile_size * self.bundle.scale:
-            self._super_resolve_tiled(lr, out, options, consistency, progress, first_index, stack)
-            return SRResult(images=out, residuals=consistency_residual(out, lr.astype(np.float32), self.degradation))
-        for start in range(0, lr.shape[0], options.batch_size):
-            stop = min(start + options.batch_size, lr.shape[0])
-            indices = [first_index + i for i in range(start, stop)]
-            batch = lr[start:stop].astype(np.float32)
-            rngs = options.generators(indices, stack)
-            sr = self.run_batch(np.clip(batch, -1.0, 1.0), rngs, indices, options.steps, options.lr_latent, trace)
-            out[start:stop] = self.enforce_consistency(sr, batch, consistency)
-            if progress is not None:
-                progress(len(indices))
-        return SRResult(images=out, residuals=consistency_residual(out, lr.astype(np.float32), self.degradation))
+        residuals = np.empty(lr.shape[0], dtype=np.float64)
 
-    def _super_resolve_tiled(self, lr, out, options, consistency, progress, first_index, stack) -> None:
-        """Fill ``out`` slice by slice through medsr.engine.tiling (each slice padded to the size unit first)."""
+        def sink(batch: PlaneBatch, result: SRResult) -> None:
+            out[batch.key : batch.key + len(result.images)] = result.images
+            residuals[batch.key : batch.key + len(result.images)] = result.residuals
+
+        batches = (
+            PlaneBatch(lr[start : start + options.batch_size], first_index + start, stack, key=start)
+            for start in range(0, lr.shape[0], options.batch_size)
+        )
+        self.super_resolve_batches(batches, options, sink, progress, trace, overlap)
+        return SRResult(images=out, residuals=residuals)
+
+    def super_resolve_batches(
+        self,
+        batches: Iterable[PlaneBatch],
+        options: SamplingOptions,
+        sink: Sink,
+        progress: Callable[[int], None] | None = None,
+        trace: Trace | None = None,
+        overlap: bool | None = None,
+    ) -> None:
+        """Super-resolve every batch of ``batches`` (each as it is, whatever ``options.batch_size``) and hand its
+        data-consistent SRResult to ``sink``, in order (``super_resolve`` for the arguments).
+
+        ``overlap``: the host stages run on one background thread, ``batches`` is drawn and ``sink`` called there,
+        one batch ahead of the engine and one behind (module docstring); the engine runs on the calling thread, and
+        so do ``progress`` and ``trace``. None: overlap when the engine leaves the host free
+        (:attr:`engine_on_host` is False). An error of any stage is raised here; on any exception the host stage
+        under way is waited for and nothing later runs.
+        """
+        if overlap is None:
+            overlap = not self.engine_on_host
+        consistency = options.consistency or self.bundle.manifest.task.consistency
+        check_consistency(consistency, self.degradation)
+        pool = ThreadPoolExecutor(1, thread_name_prefix="medsr-host") if overlap else _Inline()
+        iterator = iter(batches)
+        try:
+            preparing = pool.submit(self._host_in, iterator, options)
+            finishing: Future | None = None
+            while (staged := preparing.result()) is not None:
+                preparing = pool.submit(self._host_in, iterator, options)
+                sr = self._engine_stage(staged, options, trace)
+                if finishing is not None:
+                    _report(progress, finishing.result())
+                finishing = pool.submit(self._host_out, staged, sr, consistency, sink)
+            if finishing is not None:
+                _report(progress, finishing.result())
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _host_in(self, batches: Iterator[PlaneBatch], options: SamplingOptions) -> _HostBatch | None:
+        """The next batch drawn and made ready for the engine; None when there is none."""
+        batch = next(batches, None)
+        if batch is None:
+            return None
+        if batch.lr.ndim != 3:
+            raise ShapeError(f"expected LR slices shaped (N, H, W), got {batch.lr.shape}")
+        measured = np.asarray(batch.lr, dtype=np.float32)
+        indices = [batch.first_index + i for i in range(measured.shape[0])]
+        rngs = options.generators(indices, batch.stack)
+        image = None if self._tiled(measured.shape, options) else self.network_image(np.clip(measured, -1.0, 1.0))
+        return _HostBatch(batch, measured, image, rngs, indices)
+
+    def _tiled(self, shape: Sequence[int], options: SamplingOptions) -> bool:
+        """Whether (n, h, w) LR planes run in tiles (SamplingOptions.tile_size)."""
+        f_h, f_w = self.bundle.factors
+        side = max(shape[-2] * f_h, shape[-1] * f_w)
+        return options.tile_size is not None and side > options.tile_size * self.bundle.scale
+
+    def _engine_stage(self, staged: _HostBatch, options: SamplingOptions, trace: Trace | None) -> np.ndarray:
+        """The SR planes of a staged batch before data consistency, (n, f_H*h, f_W*w) float32."""
+        height, width = staged.measured.shape[1:]
+        if staged.image is None:
+            return self._super_resolve_tiled(staged.measured, staged.rngs, options)
+        decoded = self._run_graphs(staged.image, staged.rngs, staged.indices, options.steps, options.lr_latent, trace)
+        f_h, f_w = self.bundle.factors
+        return decoded.mean(axis=1)[:, : height * f_h, : width * f_w]
+
+    def _host_out(self, staged: _HostBatch, sr: np.ndarray, consistency: str, sink: Sink) -> int:
+        """Data consistency and residuals of a batch's SR planes, handed to ``sink``; the number of planes."""
+        images = self.enforce_consistency(sr, staged.measured, consistency).astype(np.float32, copy=False)
+        residuals = consistency_residual(images, staged.measured, self.degradation)
+        sink(staged.batch, SRResult(images=images, residuals=residuals))
+        return len(images)
+
+    def _super_resolve_tiled(
+        self, lr: np.ndarray, rngs: list[np.random.Generator], options: SamplingOptions
+    ) -> np.ndarray:
+        """(n, h, w) measured planes through medsr.engine.tiling one at a time (each padded to the size unit
+        first), before data consistency."""
         size, overlap = check_tile_options(options.tile_size, options.tile_overlap, self.bundle.lr_multiple)
         height, width = lr.shape[1:]
         f_h, f_w = self.bundle.factors
-        for i in range(lr.shape[0]):
-            padded = pad_to_multiple(np.clip(lr[i : i + 1], -1.0, 1.0).astype(np.float32), self.bundle.lr_multiple)[0]
-            (rng,) = options.generators([first_index + i], stack)
-            sr = super_resolve_tiled(self, padded, rng, options, size, overlap)
-            sr = sr[None, : height * f_h, : width * f_w]
-            out[i] = self.enforce_consistency(sr, lr[i : i + 1].astype(np.float32), consistency)[0]
-            if progress is not None:
-                progress(1)
+        out = np.empty((lr.shape[0], height * f_h, width * f_w), dtype=np.float32)
+        for i, rng in enumerate(rngs):
+            padded = pad_to_multiple(np.clip(lr[i : i + 1], -1.0, 1.0), self.bundle.lr_multiple)[0]
+            out[i] = super_resolve_tiled(self, padded, rng, options, size, overlap)[: height * f_h, : width * f_w]
+        return out
 
     def enforce_consistency(self, sr: np.ndarray, lr: np.ndarray, mode: str) -> np.ndarray:
         """Data consistency of (B, f_H*h, f_W*w) SR slices with their (B, h, w) LR slices (see SamplingOptions)."""
         return apply_consistency(sr, lr, mode, self.degradation)
+
+    def network_image(self, lr: np.ndarray) -> np.ndarray:
+        """The encoder's input for (B, h, w) LR slices clipped to [-1, 1]: padded to the size unit, upsampled as the
+        conditioning asks, repeated over the image channels; (B, C_img, H, W) float32."""
+        padded = pad_to_multiple(lr, self.bundle.lr_multiple)
+        image = self.conditioning.image(padded, self.bundle.scale)
+        return np.repeat(image[:, None], self.bundle.image_channels, axis=1)
 
     def run_batch(
         self,
@@ -195,17 +336,28 @@ class LatentSRPipeline:
         (B, f_H*h, f_W*w) float32 before data consistency. Slice b draws all its noise from ``rngs[b]`` and is traced
         as ``indices[b]``; ``super_resolve`` passes the generators of `SamplingOptions.generators`, a server the
         generators of each request's own (seed, index)."""
-        (f_h, f_w), channels = self.bundle.factors, self.bundle.image_channels
+        f_h, f_w = self.bundle.factors
         height, width = lr.shape[-2:]
-        padded = pad_to_multiple(lr, self.bundle.lr_multiple)
-        image = np.repeat(self.conditioning.image(padded, self.bundle.scale)[:, None], channels, axis=1)
+        decoded = self._run_graphs(self.network_image(lr), rngs, indices, steps, lr_latent, trace)
+        return decoded.mean(axis=1)[:, : height * f_h, : width * f_w]
+
+    def _run_graphs(
+        self,
+        image: np.ndarray,
+        rngs: list[np.random.Generator],
+        indices: Sequence[int],
+        steps: int | None,
+        lr_latent: str | None,
+        trace: Trace | None,
+    ) -> np.ndarray:
+        """The encoder's input (B, C_img, H, W) through encoder, denoising loop and decoder: (B, C_img, ...)."""
         z_lr = self.encode(image, rngs, lr_latent or self.bundle.manifest.vae.lr_latent)
         _emit(trace, "lr_latent", indices, z_lr)
         latent = self.denoise(z_lr, rngs, steps, indices, trace)
         _emit(trace, "final_latent", indices, latent)
         decoded = self.decode(latent)
         _emit(trace, "decoded_image", indices, decoded)
-        return decoded.mean(axis=1)[:, : height * f_h, : width * f_w]
+        return decoded
 
     def autoencode(self, images: np.ndarray) -> np.ndarray:
         """decode(encode(x)) of (N, H, W) slices in [-1, 1]: the autoencoder ceiling, posterior mean, (N, H, W).
@@ -319,3 +471,8 @@ class LatentSRPipeline:
 def _emit(trace: Trace | None, stage: str, indices: Sequence[int], array: np.ndarray) -> None:
     if trace is not None:
         trace(stage, indices, array)
+
+
+def _report(progress: Callable[[int], None] | None, done: int) -> None:
+    if progress is not None:
+        progress(done)

@@ -308,6 +308,9 @@ class TrtSession:
         timing_cache: the TensorRT timing cache file the default builder reads and updates (None: none).
     """
 
+    #: where it computes (medsr.engine.sessions.Session): the host stages can overlap it
+    device = "cuda"
+
     def __init__(
         self,
         graph,

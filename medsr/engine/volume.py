@@ -32,7 +32,7 @@ import numpy as np
 from medsr.bundle.manifest import IN_PLANE, THROUGH_PLANE
 from medsr.degrade import ThickSlices, check_consistency
 from medsr.degrade.slices import thick_slice_pinv
-from medsr.engine.pipeline import LatentSRPipeline, SamplingOptions
+from medsr.engine.pipeline import LatentSRPipeline, PlaneBatch, SamplingOptions, SRResult
 from medsr.errors import BundleError, InputError
 from medsr.io.affine import upsample_affine, upsample_affine_along
 from medsr.io.image import Volume
@@ -155,12 +155,15 @@ def super_resolve_volume(
     axis: int,
     options: SamplingOptions,
     progress: Callable[[int], None] | None = None,
+    overlap: bool | None = None,
 ) -> VolumeResult:
     """Super-resolve every plane of ``prepared`` along spatial ``axis``; ``affine`` is the input's (voxel -> mm).
 
     Plane i of frame k is seeded with index k * n_planes + i, so each output voxel is reproducible on its own (with
     shared noise every plane draws the field of stack 0, ``options.noise``).
-    Planes go to the pipeline ``options.batch_size`` at a time and are written straight into the output volume.
+    Planes go to the pipeline ``options.batch_size`` at a time, normalized as they are drawn, and are denormalized
+    straight into the output volume; ``overlap`` does both on the pipeline's host-stage thread while the engine runs
+    the batch between them (LatentSRPipeline.super_resolve_batches; None: when the engine is not on the CPU).
     """
     if axis not in (0, 1, 2):
         raise InputError(f"slice axis must be 0, 1 or 2, got {axis}")
@@ -172,15 +175,21 @@ def super_resolve_volume(
     out = np.empty((*(n * f for n, f in zip(frames.shape[:3], factors)), frames.shape[3]), dtype=np.float32)
     clipped, residuals = [], []
     n_planes = frames.shape[axis]
-    for frame in range(frames.shape[3]):
+
+    def batches():
+        for frame in range(frames.shape[3]):
+            for start in range(0, n_planes, options.batch_size):
+                normalized, fraction = prepared.planes(axis, frame, start, start + options.batch_size, clip=False)
+                clipped.append(fraction * len(normalized))
+                yield PlaneBatch(normalized, frame * n_planes + start, key=(frame, start))
+
+    def sink(batch: PlaneBatch, result: SRResult) -> None:
+        frame, start = batch.key
         target = prepared.planes_view(out[..., frame], axis)
-        for start in range(0, n_planes, options.batch_size):
-            normalized, fraction = prepared.planes(axis, frame, start, start + options.batch_size, clip=False)
-            clipped.append(fraction * len(normalized))
-            first = frame * n_planes + start
-            result = pipeline.super_resolve(normalized, options, progress=progress, first_index=first)
-            target[start : start + len(normalized)] = denormalize(result.images, prepared.window)
-            residuals.append(result.residuals)
+        target[start : start + len(result.images)] = denormalize(result.images, prepared.window)
+        residuals.append(result.residuals)
+
+    pipeline.super_resolve_batches(batches(), options, sink, progress, overlap=overlap)
     return VolumeResult(
         data=out if prepared.data.ndim == 4 else out[..., 0],
         affine=upsample_affine(affine, factors),
@@ -337,6 +346,7 @@ def super_resolve_through_plane(
     plan: ThroughPlanePlan,
     options: SamplingOptions,
     progress: Callable[[int], None] | None = None,
+    overlap: bool | None = None,
 ) -> VolumeResult:
     """Upsample ``prepared`` by ``plan.scale`` along the slice axis with a through-plane model (module docstring).
 
@@ -349,7 +359,8 @@ def super_resolve_through_plane(
     (docs/conventions.md, seeds). Planes are ``np.moveaxis`` views of medsr.io's layout, without the display
     transposition of in-plane DICOM slices: the slice direction is always their second axis. ``residuals`` are the
     relative residuals ||A(SR) - LR|| / ||LR|| of every measured slice (and frame). The affine keeps LR slice i at
-    HR voxel s*i + (s-1)/2 along the slice axis.
+    HR voxel s*i + (s-1)/2 along the slice axis. ``overlap``: as for :func:`super_resolve_volume`, within each
+    frame.
     """
     check_task_plane(pipeline.bundle, through_plane=True)
     if plan.scale != pipeline.bundle.scale:
@@ -369,23 +380,29 @@ def super_resolve_through_plane(
     orientations = _orientations(plan.axis)
     per_frame = sum(frames.shape[stacked] for stacked, _, _ in orientations)
     clipped, residuals = 0.0, []
-    for frame in range(frames.shape[3]):
-        measured = frames[..., frame]
-        fused = np.zeros(shape, dtype=np.float32)
-        first = frame * per_frame
+
+    def batches(measured: np.ndarray, first: int):
+        nonlocal clipped
         for stack, order in enumerate(orientations):
             planes = np.moveaxis(measured, order, (0, 1, 2))
-            target = np.moveaxis(fused, order, (0, 1, 2))
             for start in range(0, planes.shape[0], options.batch_size):
                 batch = planes[start : start + options.batch_size]
                 normalized, fraction = normalize(batch, prepared.window, clip=False)
                 if stack == 0:
                     clipped += fraction * normalized.size
-                result = pipeline.super_resolve(
-                    normalized, plane_options, progress=progress, first_index=first + start, stack=stack
-                )
-                target[start : start + len(normalized)] += result.images
+                yield PlaneBatch(normalized, first + start, stack, key=(order, start))
             first += planes.shape[0]
+
+    for frame in range(frames.shape[3]):
+        measured = frames[..., frame]
+        fused = np.zeros(shape, dtype=np.float32)
+
+        def sink(batch: PlaneBatch, result: SRResult, fused=fused) -> None:
+            order, start = batch.key
+            np.moveaxis(fused, order, (0, 1, 2))[start : start + len(result.images)] += result.images
+
+        first = frame * per_frame
+        pipeline.super_resolve_batches(batches(measured, first), plane_options, sink, progress, overlap=overlap)
         fused *= np.float32(0.5)
         sr = denormalize(fused, prepared.window)
         if consistency != "none":
