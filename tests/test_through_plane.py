@@ -440,3 +440,22 @@ def test_long_thin_planes_run_whole_and_only_a_long_sr_side_tiles(pipeline, monk
     np.testing.assert_array_equal(default.images, whole.images)
     pipeline.super_resolve(np.zeros((1, 16, 136), np.float32), SamplingOptions(consistency="none"))
     assert tiled  # 16 x 544 SR: a side over 128 x 4
+
+
+def test_the_memory_limit_counts_the_through_plane_output_growing_along_one_axis(tmp_path, through_bundle):
+    """16 x 16 x 8 voxels at x4 through-plane make 8192 output voxels, not the 32768 of x4 in-plane: a limit between
+    the two estimates runs it, one under the smaller is refused in one line and writes nothing."""
+    from medsr.io.limits import MemoryLimit
+
+    shape = (16, 16, 8)
+    through, in_plane = MemoryLimit(0, 4, axes=1).estimate(shape), MemoryLimit(0, 4).estimate(shape)
+    assert through < in_plane
+    source = _save(tmp_path, _noise_volume(shape), [1.0, 1.0, 4.0])
+    args = [str(source), "--through-plane", "--model", str(through_bundle), "--through-plane-scale", "4"]
+    out = tmp_path / "out.nii.gz"
+    result = CliRunner().invoke(infer, [*args, "-o", str(out), "--max-memory", str((through + in_plane) // 2)])
+    assert result.exit_code == 0, result.output
+    refused = tmp_path / "refused.nii.gz"
+    result = CliRunner().invoke(infer, [*args, "-o", str(refused), "--max-memory", str(through - 1)])
+    assert result.exit_code == 1 and not refused.exists()
+    assert f"{source}: image of 16x16x8 voxels needs about" in result.output and "x4" in result.output

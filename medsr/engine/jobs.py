@@ -102,12 +102,18 @@ class PreparedJob:
     plan: ThroughPlanePlan | None = None
 
 
-def _memory_limit(settings: InferSettings, scale: int):
+def _memory_limit(settings: InferSettings, bundle):
+    """The memory limit an input is checked against before it is read: in-plane the bundle's s x s; through-plane s
+    along one axis, s being ``--through-plane-scale`` or else the largest factor the model serves (the input's own
+    factor is known only once it is read)."""
     from medsr.io.limits import MemoryLimit, available_memory
 
+    scale, axes = bundle.scale, 2
+    if settings.through_plane:
+        scale, axes = settings.through_plane_scale or max(bundle.scales), 1
     if settings.max_bytes is not None:
-        return MemoryLimit(settings.max_bytes, scale, "--max-memory")
-    return MemoryLimit(available_memory(), scale, "the available memory; set --max-memory to change it")
+        return MemoryLimit(settings.max_bytes, scale, "--max-memory", axes)
+    return MemoryLimit(available_memory(), scale, "the available memory; set --max-memory to change it", axes)
 
 
 def _slice_axis(volume: Volume, requested: int | None, fmt: str) -> int:
@@ -136,7 +142,7 @@ def prepare_job(job, output: Path | None, bundle, settings: InferSettings) -> Pr
 
     if output is not None:
         check_output_path(output, settings.overwrite, directory=output.is_dir())
-    volume = load_image(job.source, job.series, _memory_limit(settings, bundle.scale), settings.repair_nonfinite)
+    volume = load_image(job.source, job.series, _memory_limit(settings, bundle), settings.repair_nonfinite)
     fmt = output_format(output, settings.fmt, volume)
     plan = None
     if settings.through_plane:

@@ -64,7 +64,8 @@ def format_size(n_bytes: float) -> str:
 
 @dataclass(frozen=True)
 class MemoryLimit:
-    """The most memory (bytes) a run may plan for, and the in-plane scale factor its output grows by.
+    """The most memory (bytes) a run may plan for, and the scale factor its output grows by on ``axes`` axes (2:
+    in-plane, s x s on each slice; 1: through-plane, along the slice axis).
 
     ``source`` says where the limit came from, for the message (``--max-memory`` or the available memory).
     """
@@ -72,11 +73,12 @@ class MemoryLimit:
     max_bytes: int
     scale: int
     source: str = "--max-memory"
+    axes: int = 2
 
     def estimate(self, shape: Sequence[int]) -> int:
-        """Bytes needed to super-resolve an image of ``shape`` (X, Y, Z[, T]) by ``scale`` on two axes."""
+        """Bytes needed to super-resolve an image of ``shape`` (X, Y, Z[, T]) by ``scale`` on ``axes`` axes."""
         voxels = math.prod(int(n) for n in shape)
-        return voxels * IN_BYTES_PER_VOXEL + voxels * self.scale**2 * OUT_BYTES_PER_VOXEL
+        return voxels * IN_BYTES_PER_VOXEL + voxels * self.scale**self.axes * OUT_BYTES_PER_VOXEL
 
     def check(self, path: Path, shape: Sequence[int]) -> None:
         """Raise InputError naming the limit when ``shape`` needs more than ``max_bytes``."""
