@@ -172,3 +172,46 @@ def test_a_volume_that_kills_every_worker_fails_alone(archive, local_run, cluste
 def test_more_workers_than_the_local_cluster_holds_is_refused(archive, cluster, tmp_path):
     result = ray_batch(archive, tmp_path / "out", "--workers", "3")  # the last --workers wins: 3 on 2 CPUs
     assert result.exit_code == 1 and "has room for 2 1-thread worker(s)" in result.output
+
+
+def _worker_run(archive, out, monkeypatch, probes=None):
+    """v0 of the archive through one BatchWorker (no Ray needed: the actor is a plain class) asked for
+    ``--engine auto``, with medsr.engine.select's probes replaced by ``probes`` when given."""
+    from medsr.bundle import load_bundle
+    from medsr.engine import select
+    from medsr.engine.jobs import EngineOptions, InferSettings, plan_batch
+    from medsr.engine.pipeline import SamplingOptions
+    from medsr.io.inputs import expand_inputs
+    from medsr.models import DEFAULT_BUNDLE
+    from medsr.serve.ray_batch import BatchWorker
+
+    if probes is not None:
+        real = select.choose_engine
+        monkeypatch.setattr(select, "choose_engine", lambda device, precision=None: real(device, precision, probes))
+    out.mkdir()
+    jobs, _ = expand_inputs([str(archive / "v0.nii.gz")], output=out)
+    settings = InferSettings(options=SamplingOptions(steps=1), engine="driver's", engine_reason="driver's")
+    ((job, output, record),) = plan_batch(jobs, out, load_bundle(DEFAULT_BUNDLE), settings)
+    worker = BatchWorker(str(DEFAULT_BUNDLE), EngineOptions("auto", "auto", "cpu", None, 1), settings, os.getcwd())
+    return worker.run(job, str(output), record), output
+
+
+def test_a_ray_worker_chooses_the_auto_engine_on_its_own_node(archive, tmp_path, monkeypatch):
+    import nibabel as nib
+
+    record, output = _worker_run(archive, tmp_path / "out", monkeypatch)
+    assert record["status"] == "done", record
+    provenance = json.loads(nib.load(output).header.extensions[0].get_content())["medsr"]
+    assert provenance["engine"].startswith("ort fp32 [CPUExecutionProvider")
+    assert "driver's" not in provenance["engine_reason"] and "ONNX Runtime" in provenance["engine_reason"]
+
+
+def test_a_ray_worker_without_an_engine_fails_its_jobs_in_one_line(archive, tmp_path, monkeypatch):
+    missing = {
+        "openvino": lambda device, wanted: (None, "openvino is not installed"),
+        "ort": lambda device, wanted: (None, "onnxruntime is not installed"),
+    }
+    record, output = _worker_run(archive, tmp_path / "out", monkeypatch, probes=missing)
+    assert record["status"] == "failed" and not output.exists()
+    assert record["error"].startswith(f"{archive / 'v0.nii.gz'}: ") and "\n" not in record["error"]
+    assert "onnxruntime is not installed" in record["error"]

@@ -198,7 +198,7 @@ def infer(
     from medsr.cli.model import load_model
     from medsr.engine.jobs import InferSettings
     from medsr.engine.pipeline import SamplingOptions
-    from medsr.engine.select import resolve_engine
+    from medsr.engine.select import AUTO_ENGINE, EngineChoice, resolve_engine
     from medsr.engine.tiling import check_tile_options
     from medsr.engine.volume import check_task_plane
     from medsr.errors import InputError, MedsrError
@@ -233,7 +233,10 @@ def infer(
         tile_overlap=tile_overlap,
         noise=noise,
     )
-    choice = resolve_engine(engine, device, precision)  # no model yet: a missing GPU engine fails fast
+    if ray_address is not None and engine == AUTO_ENGINE:  # each worker chooses on its own node
+        choice = EngineChoice(AUTO_ENGINE, precision or AUTO_ENGINE, "chosen by each Ray worker on its node")
+    else:
+        choice = resolve_engine(engine, device, precision)  # no model yet: a missing GPU engine fails fast
     settings = InferSettings(
         options=options,
         fmt=fmt,

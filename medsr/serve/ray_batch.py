@@ -23,6 +23,7 @@ Torch-free: imports medsr.engine, medsr.bundle, medsr.io and medsr.errors only.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import logging
 import os
@@ -50,7 +51,12 @@ FAULT_ENV = "MEDSR_RAY_TEST_FAULTS"
 
 
 class BatchWorker:
-    """One actor of the pool: one bundle and one engine, running planned jobs one at a time."""
+    """One actor of the pool: one bundle and one engine, running planned jobs one at a time.
+
+    ``engine.engine`` ``auto`` (``--engine auto``, the default) is resolved here, on the worker's node, before its
+    first job (medsr.engine.select.resolve_engine with ``engine.precision``): the engines installed and the device
+    are the node's, not the driver's; the choice and its reason go into the settings every output records.
+    """
 
     def __init__(self, bundle_root: str, engine: EngineOptions, settings: InferSettings, cwd: str):
         if os.path.isdir(cwd):
@@ -59,6 +65,17 @@ class BatchWorker:
         self._bundle = None
         self._pipeline = None
         self._job = None
+
+    def _resolve_engine(self) -> None:
+        from medsr.engine.select import AUTO_ENGINE, resolve_engine
+
+        if self._engine.engine != AUTO_ENGINE:
+            return
+        choice = resolve_engine(AUTO_ENGINE, self._engine.device, self._engine.precision)
+        self._engine = dataclasses.replace(self._engine, engine=choice.engine, precision=choice.precision)
+        self._settings = dataclasses.replace(
+            self._settings, engine=choice.engine, precision=choice.precision, engine_reason=choice.reason
+        )
 
     def _open_pipeline(self):
         if self._pipeline is None:
@@ -72,8 +89,9 @@ class BatchWorker:
 
         if self._bundle is None:
             try:
+                self._resolve_engine()
                 self._bundle = load_bundle(self._bundle_root)
-            except MedsrError as exc:  # e.g. the bundle is not at the same path on this node
+            except MedsrError as exc:  # e.g. no engine on this node, or the bundle is not at the same path on it
                 return {**record, "status": "failed", "error": f"{job.source}: {exc}"}
         output, self._job = Path(output), job
         remove_leftovers(output)
