@@ -22,7 +22,7 @@ from medsr.bundle import (
 )
 from medsr.bundle.conditioning import PAPER, UPSAMPLED, Conditioning
 from medsr.bundle.graphs import GRAPHS
-from medsr.bundle.manifest import IntensityWindow
+from medsr.bundle.manifest import IntensityPolicy
 from medsr.bundle.scheduler import SchedulerConfig
 from medsr.degrade import KSpaceTruncation, LanczosDownsample
 from medsr.errors import BundleError
@@ -73,7 +73,7 @@ def test_the_shipped_manifest_round_trips_exactly():
 
 def test_the_shipped_manifest_by_attribute():
     m = read_manifest(DEFAULT_MANIFEST)
-    assert m.task.intensity == IntensityWindow("percentile", 0.5, 99.5, (-1.0, 1.0))
+    assert m.task.intensity == IntensityPolicy("percentile", 0.5, 99.5, (-1.0, 1.0))
     assert (m.task.scale, m.task.consistency, m.task.degradation) == (4, "kspace", KSpaceTruncation(4))
     assert (m.vae.downsample_factor, m.vae.latent_channels, m.vae.lr_latent) == (1, 4, "mean")
     assert m.denoiser.conditioning == Conditioning(UPSAMPLED, "zerofill", residual=True)
@@ -127,7 +127,7 @@ def test_old_manifests_keep_their_meaning(tmp_path):
     assert manifest.denoiser.conditioning == PAPER  # the paper's bilinear LR latent
     assert manifest.task.degradation == KSpaceTruncation(4)  # what the engine assumed: k-space at task.scale
     assert manifest.task.consistency == "none"
-    assert manifest.task.intensity == IntensityWindow()  # the 0.5 / 99.5 percentiles
+    assert manifest.task.intensity == IntensityPolicy()  # the 0.5 / 99.5 percentiles
     assert manifest.torch_reference is None and dict(manifest.validation) == {}
 
 

@@ -139,7 +139,7 @@ def _bundle_file(value, where: str) -> str:
 
 
 @dataclass(frozen=True)
-class IntensityWindow:
+class IntensityPolicy:
     """How input intensities map to the model range: the ``low`` and ``high`` percentiles (in [0, 100]) of the
     volume go to ``range`` = (-1, 1) (medsr.io.normalize; docs/conventions.md)."""
 
@@ -163,7 +163,7 @@ class IntensityWindow:
         object.__setattr__(self, "range", bounds)
 
     @classmethod
-    def from_dict(cls, d) -> IntensityWindow:
+    def from_dict(cls, d) -> IntensityPolicy:
         d = _section(d, "task.intensity", (), ("range", "method", "low", "high"))
         if "range" in d and not (isinstance(d["range"], (list, tuple)) and len(d["range"]) == 2):
             raise BundleError(f"task.intensity.range must be [low, high], got {d['range']!r}")
@@ -191,7 +191,7 @@ class Task:
     scale: int
     image_channels: int
     lr_multiple: int
-    intensity: IntensityWindow = IntensityWindow()
+    intensity: IntensityPolicy = IntensityPolicy()
     degradation: Degradation | None = None
     consistency: str = "none"
     plane: str = IN_PLANE
@@ -281,7 +281,7 @@ class Task:
             scale=d["scale"],
             image_channels=d["image_channels"],
             lr_multiple=d["lr_multiple"],
-            intensity=IntensityWindow.from_dict(d["intensity"]),
+            intensity=IntensityPolicy.from_dict(d["intensity"]),
             degradation=degradation,
             consistency=d.get("consistency", "none"),
             plane=d.get("plane", IN_PLANE),

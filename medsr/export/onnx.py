@@ -22,7 +22,7 @@ from medsr.bundle.graphs import GRAPHS, GraphSpec
 from medsr.bundle.manifest import (
     Denoiser,
     GraphEntry,
-    IntensityWindow,
+    IntensityPolicy,
     Manifest,
     Provenance,
     Task,
@@ -161,7 +161,7 @@ def build_manifest(
             scale=preset.scale,
             image_channels=preset.image_channels,
             lr_multiple=preset.lr_multiple,
-            intensity=IntensityWindow(**preset.intensity),
+            intensity=IntensityPolicy(**preset.intensity),
             degradation=degradation,
             consistency=preset.consistency,
             plane=preset.plane,
