@@ -168,29 +168,83 @@ def diffusers_ddim(config: SchedulerConfig):
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
-@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
 @pytest.mark.parametrize("eta", [0.0, 0.8])
 def test_ddim_matches_diffusers(prediction_type, spacing, eta):
+    """Where diffusers' next timestep k - T // n is the schedule's next entry (10 divides T; linspace never is, see
+    test_ddim_lands_on_every_timestep_of_its_schedule)."""
     config = SchedulerConfig(algorithm="ddim", prediction_type=prediction_type, timestep_spacing=spacing, eta=eta)
     err = run_pair(config, diffusers_ddim(config), 10, noise_kw=lambda n: {"eta": eta, "variance_noise": n})
     assert err <= RTOL, err
 
 
-def test_ddim_at_a_step_count_diffusers_overruns_is_its_first_n_steps():
-    """Trailing, n = 61: diffusers lays 62 timesteps, the last -1 (a step from alpha_bar[-1], the noisiest entry,
-    after the image is done); ours stop after its first 61 steps, with the same image."""
+def exact_model(x0: np.ndarray, eps: np.ndarray, config: SchedulerConfig, alphas_cumprod: np.ndarray):
+    """A denoiser that knows x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps: its output at timestep t in
+    ``config.prediction_type``."""
+
+    def output(t) -> np.ndarray:
+        a = alphas_cumprod[int(t)]
+        if config.prediction_type == "sample":
+            return x0
+        if config.prediction_type == "epsilon":
+            return eps
+        return np.sqrt(a) * eps - np.sqrt(1 - a) * x0  # v
+
+    return output
+
+
+def ddim_chain(scheduler, config, n: int, step) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """(x0, final sample, worst relative distance of each step's sample from the chain's point at the next
+    timestep) of deterministic DDIM with an exact model; ``step(model_output, t, x)`` steps ``scheduler``."""
+    rng = np.random.default_rng(0)
+    x0, eps = rng.standard_normal(SHAPE), rng.standard_normal(SHAPE)
+    table = np.asarray(scheduler.alphas_cumprod, np.float64)
+    model = exact_model(x0, eps, config, table)
+    timesteps = [int(t) for t in scheduler.timesteps][:n]
+    x = np.sqrt(table[timesteps[0]]) * x0 + np.sqrt(1 - table[timesteps[0]]) * eps
+    misses = []
+    for i, t in enumerate(timesteps):
+        x = step(model(t), t, x)
+        a_next = table[timesteps[i + 1]] if i + 1 < n else 1.0
+        misses.append(rel_err(x, np.sqrt(a_next) * x0 + np.sqrt(1 - a_next) * eps))
+    return x0, x, misses
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("n", [1, 7, 10, 61])
+def test_ddim_lands_on_every_timestep_of_its_schedule(prediction_type, spacing, n):
+    """The property diffusers' DDIMScheduler breaks for trailing and linspace spacing when n does not divide T:
+    with a model that predicts exactly, each deterministic step lands on the chain's point at the schedule's next
+    timestep, and the last one on x0."""
+    config = SchedulerConfig(algorithm="ddim", prediction_type=prediction_type, timestep_spacing=spacing)
+    ours = make_scheduler(config)
+    ours.set_timesteps(n)
+    x0, final, misses = ddim_chain(ours, config, n, lambda out, t, x: ours.step(out, t, x).prev_sample)
+    assert max(misses) <= 1e-9, misses
+    assert rel_err(final, x0) <= 1e-9
+
+
+def test_diffusers_ddim_misses_the_end_of_a_trailing_chain_that_ours_reaches():
+    """Trailing, n = 7 (T // n = 142, the schedule's steps 143 and 142): diffusers' last step from t = 142 goes to
+    alpha_bar[0], not to the end of the chain, so even an exact model ends with noise left; ours ends on x0. At
+    n = 61 diffusers also lays a 62nd timestep, -1, which ours does not: the first 61 are the same."""
     config = SchedulerConfig(algorithm="ddim", prediction_type="sample", timestep_spacing="trailing")
-    ours, theirs = make_scheduler(config), diffusers_ddim(config)
+    theirs = diffusers_ddim(config)
+    theirs.set_timesteps(7)
+
+    def their_step(out, t, x):
+        return theirs.step(torch.from_numpy(out), t, torch.from_numpy(x)).prev_sample.numpy()
+
+    x0, final, misses = ddim_chain(theirs, config, 7, their_step)
+    assert rel_err(final, x0) > 1e-3 and max(misses) > 1e-3
+    ours = make_scheduler(config)
+    ours.set_timesteps(7)
+    np.testing.assert_array_equal(ours.timesteps, theirs.timesteps.numpy())
     ours.set_timesteps(61)
     theirs.set_timesteps(61)
     assert len(theirs.timesteps) == 62 and theirs.timesteps[-1] == -1
     np.testing.assert_array_equal(ours.timesteps, theirs.timesteps[:61].numpy())
-    x = np.random.default_rng(0).standard_normal(SHAPE)
-    y = torch.from_numpy(x.copy())
-    for t in ours.timesteps:
-        x = ours.step(fake_model(x, t), t, x).prev_sample
-        y = theirs.step(torch.from_numpy(fake_model(y.numpy(), t)), int(t), y).prev_sample
-    assert rel_err(x, y.numpy()) <= RTOL
 
 
 @pytest.mark.parametrize(
@@ -211,13 +265,14 @@ def test_ddim_at_a_step_count_diffusers_overruns_is_its_first_n_steps():
             "clip_sample_range": 0.5,
             "prediction_type": "sample",
         },
-        # a shorter training table, trailing spacing, v prediction
+        # a shorter training table, trailing spacing (at 5 steps, which divide T), v prediction
         {"timestep_spacing": "trailing", "prediction_type": "v_prediction", "num_train_timesteps": 500},
     ],
 )
 def test_ddim_matches_diffusers_other_configs(overrides):
     config = SchedulerConfig(algorithm="ddim", **overrides)
-    err = run_pair(config, diffusers_ddim(config), 7)  # 7 does not divide T
+    steps = 5 if config.timestep_spacing == "trailing" else 7  # leading: 7 does not divide T
+    err = run_pair(config, diffusers_ddim(config), steps)
     assert err <= RTOL, err
 
 

@@ -25,13 +25,20 @@ from .common import (
 class DDIMScheduler(TableScheduler):
     """DDIM with eta >= 0 over a subsequence of the training timesteps.
 
-    One step from table index k to k_prev = k - T // n (diffusers' rule, whatever the spacing; below 0 it uses
+    One step from table index k to k_prev, the table index of the next entry of `timesteps` (after the last, -1:
     alpha_bar = 1 when ``set_alpha_to_one``, else alpha_bar[0]):
 
         x_{prev} = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z              (DDIM eq. 12)
         sigma = eta sqrt((1 - a_prev) / (1 - a)) sqrt(1 - a / a_prev)                     (DDIM eq. 16)
 
     with a = alpha_bar[k], (x0, eps) from the model output by `predict_x0_eps` and z the caller's noise.
+
+    diffusers' DDIMScheduler steps to k - T // n instead, whatever the spacing. That is the next entry for leading
+    spacing and whenever n divides T, but not for trailing or linspace spacing otherwise: with trailing spacing and
+    n = 7, its last step goes from t = 142 to alpha_bar[0] instead of to the end of the chain, so even a model
+    predicting x0 exactly ends with noise left in its sample. medsr follows the schedule (as diffusers' own
+    DDPMScheduler does); tests/test_schedulers_parity.py checks the property where the two differ. A timestep off
+    the schedule keeps the k - T // n rule.
 
     Attributes:
         config: the `SchedulerConfig`.
@@ -122,15 +129,24 @@ class DDIMScheduler(TableScheduler):
             c_noise=c_noise,
         )
 
+    def _next_index(self, t: int, k: int) -> int:
+        """The table index the step from model timestep ``t`` (table index ``k``) goes to: that of the next entry of
+        `timesteps`, -1 after the last; for a ``t`` off the schedule, k - T // n."""
+        position = np.flatnonzero(self.timesteps == t)
+        if position.size == 0:
+            return k - self.config.num_train_timesteps // self.num_inference_steps
+        following = int(position[0]) + 1
+        return int(table_index(int(self.timesteps[following]), self.config)) if following < len(self.timesteps) else -1
+
     def _alphas(self, t: int, method: str) -> tuple[float, float]:
-        """(alpha_bar at t, alpha_bar at the next time k - T // n) for `step` and `step_coefficients`."""
+        """(alpha_bar at t, alpha_bar at the next step, :meth:`_next_index`) for `step` and `step_coefficients`."""
         if self.num_inference_steps is None:
             raise not_ready("DDIMScheduler", method)
         cfg, T = self.config, self.config.num_train_timesteps
         k = table_index(int(t), cfg)
         if not 0 <= k < T:
             raise InputError(f"DDIMScheduler.{method}: timestep {t} is outside [0, {T - 1}]")
-        k_prev = k - T // self.num_inference_steps
+        k_prev = self._next_index(int(t), k)
         a = self.alphas_cumprod[k]
         a_prev = self.alphas_cumprod[k_prev] if k_prev >= 0 else self.final_alpha_cumprod
         return a, a_prev
