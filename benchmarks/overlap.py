@@ -18,7 +18,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import shutil
 import statistics
 import tempfile
@@ -54,16 +53,6 @@ def _inputs(root: Path, count: int, shape: tuple[int, int, int]) -> Path:
     return root
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny")
@@ -78,6 +67,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import medsr.engine.jobs as jobs_module
+    from medsr.bench.machine import cpu_model
     from medsr.bundle import load_bundle
     from medsr.cli.jobs import run_batch
     from medsr.engine.jobs import EngineOptions, InferSettings
@@ -136,7 +126,7 @@ def main() -> None:
     median = {k: statistics.median(v) for k, v in times.items()}
     record = {
         "machine": {
-            "cpu": _cpu(),
+            "cpu": cpu_model(),
             "cores": os.cpu_count(),
             "load_average_before": [round(x, 2) for x in load_before],
             "load_average_after": [round(x, 2) for x in load_after],

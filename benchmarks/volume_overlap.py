@@ -19,13 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 
+from medsr.bench.machine import cpu_model
 from medsr.bundle import load_bundle
 from medsr.engine.jobs import EngineOptions
 from medsr.engine.pipeline import LatentSRPipeline, SamplingOptions
@@ -71,16 +71,6 @@ class StageClock:
         return timed
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input", type=Path, default=None)
@@ -123,7 +113,7 @@ def main() -> None:
     median = {mode: statistics.median(values) for mode, values in times.items()}
     record = {
         "machine": {
-            "cpu": _cpu(),
+            "cpu": cpu_model(),
             "cores": os.cpu_count(),
             "load_average_before": [round(x, 2) for x in load_before],
             "load_average_after": [round(x, 2) for x in os.getloadavg()],
