@@ -203,3 +203,18 @@ def test_by_default_only_an_engine_off_the_cpu_is_overlapped(pipeline, device):
     threads = []
     chosen.super_resolve_batches(_batches(2), OPTIONS, lambda b, r: threads.append(threading.current_thread().name))
     assert (threads[0] == threading.current_thread().name) is (device == "cpu")
+
+
+def test_one_batch_starts_no_host_thread(pipeline, monkeypatch):
+    """A call with a single batch (a server's request, an evaluation plane) has nothing to overlap."""
+    import medsr.engine.pipeline as pipeline_module
+
+    def no_thread(*args, **kwargs):
+        raise AssertionError("a host thread was started")
+
+    monkeypatch.setattr(pipeline_module, "ThreadPoolExecutor", no_thread)
+    on_gpu = LatentSRPipeline(pipeline.bundle, {**pipeline.sessions, "denoiser": OnGpu(pipeline.sessions["denoiser"])})
+    lr = np.random.default_rng(0).uniform(-1, 1, (2, 8, 8)).astype(np.float32)
+    assert on_gpu.super_resolve(lr, OPTIONS).images.shape[0] == 2
+    with pytest.raises(AssertionError, match="host thread"):
+        on_gpu.super_resolve(np.concatenate([lr, lr]), OPTIONS)

@@ -222,6 +222,8 @@ class LatentSRPipeline:
             PlaneBatch(lr[start : start + options.batch_size], first_index + start, stack, key=start)
             for start in range(0, lr.shape[0], options.batch_size)
         )
+        if lr.shape[0] <= options.batch_size:
+            overlap = False  # one batch: nothing to overlap, no thread to start (a server's request)
         self.super_resolve_batches(batches, options, sink, progress, trace, overlap)
         return SRResult(images=out, residuals=residuals)
 
