@@ -16,6 +16,14 @@ class OutputError(MedsrError, OSError):
     """An output that cannot or must not be written (exists without --overwrite, unwritable directory, disk full)."""
 
 
+class OutputExistsError(OutputError):
+    """An output that exists, and ``--overwrite`` was not given (``path``: that output)."""
+
+    def __init__(self, path, message: str):
+        super().__init__(message)
+        self.path = path
+
+
 class BundleError(MedsrError, ValueError):
     """A model bundle that fails validation (manifest version, missing graph, sha256 mismatch, bad field)."""
 

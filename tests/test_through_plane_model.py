@@ -3,6 +3,8 @@ that beats cubic B-spline along the slice axis on the held-out Colin27 slab thro
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from medsr.bundle import load_bundle
@@ -46,3 +48,32 @@ def test_through_plane_model_beats_cubic_bspline_on_the_held_out_slab(factor, ma
     model, bspline = (run.metrics[name]["volume"]["psnr_fg"] for name in ("through-plane", "bspline"))
     assert model >= bspline + margin_db, (factor, model, bspline)
     assert run.metrics["through-plane"]["volume"]["ssim_fg"] > run.metrics["bspline"]["volume"]["ssim_fg"]
+
+
+def test_a_through_plane_batch_names_each_output_by_its_own_factor(tmp_path):
+    """The bundled model serves x2 to x6; a batch of a 2 mm and a 4 mm volume (1 mm in-plane) writes _sr2x and
+    _sr4x, records them, and a rerun skips both (found under their renamed names)."""
+    import json
+
+    import numpy as np
+    from click.testing import CliRunner
+    from io_fixtures import smooth_image, write_nifti
+
+    from medsr.cli.infer import infer
+
+    source = tmp_path / "in"
+    source.mkdir()
+    for name, spacing in (("two", 2.0), ("four", 4.0)):
+        write_nifti(source / f"{name}.nii.gz", smooth_image((24, 24, 8)), np.diag([1.0, 1.0, spacing, 1.0]))
+    out = tmp_path / "out"
+    args = [str(source), "-o", str(out), "--through-plane", "--threads", "1"]
+    result = CliRunner().invoke(infer, args)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["four_sr4x.nii.gz", "medsr_summary.json", "two_sr2x.nii.gz"]
+    items = json.loads((out / "medsr_summary.json").read_text())["items"]
+    assert sorted(Path(i["output"]).name for i in items) == ["four_sr4x.nii.gz", "two_sr2x.nii.gz"]
+    again = CliRunner().invoke(infer, args)
+    assert again.exit_code == 0, again.output
+    items = json.loads((out / "medsr_summary.json").read_text())["items"]
+    assert [i["status"] for i in items] == ["skipped", "skipped"]
+    assert sorted(Path(i["output"]).name for i in items) == ["four_sr4x.nii.gz", "two_sr2x.nii.gz"]

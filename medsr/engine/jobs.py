@@ -43,7 +43,7 @@ from medsr.engine.volume import (
     super_resolve_volume,
     window_percentiles,
 )
-from medsr.errors import InputError, MedsrError
+from medsr.errors import InputError, MedsrError, OutputExistsError
 from medsr.io.image import Volume, flat
 
 #: The batch summary's file name in the output directory.
@@ -130,11 +130,16 @@ def _slice_axis(volume: Volume, requested: int | None, fmt: str) -> int:
     return 2 if volume.format == "dicom" else natural
 
 
-def prepare_job(job, output: Path | None, bundle, settings: InferSettings) -> PreparedJob:
+def prepare_job(
+    job, output: Path | None, bundle, settings: InferSettings, named_scale: int | None = None
+) -> PreparedJob:
     """Read and check ``job.source``, prepare it for the network and decide its output (None: the default name in
     the current directory).
 
-    Every bad input or output is refused here, before a model is loaded. Raises MedsrError naming the file.
+    ``named_scale``: the factor a batch named ``output`` by before reading the input (:func:`batch_name_scale`); a
+    through-plane plan of another factor renames it to its own (``_sr<s>x``), so a name always says its factor.
+    Every bad input or output is refused here, before a model is loaded. Raises MedsrError naming the file
+    (OutputExistsError for an output that exists without --overwrite).
     """
     from medsr.io.atomic import check_output_path
     from medsr.io.dtypes import resolve_dtype
@@ -152,6 +157,8 @@ def prepare_job(job, output: Path | None, bundle, settings: InferSettings) -> Pr
                 "write NIfTI (--format nifti)"
             )
         plan = plan_through_plane(volume, bundle, settings.axis, settings.through_plane_scale, settings.slice_thickness)
+        if named_scale is not None and output is not None and plan.scale != named_scale:
+            output = output.with_name(_renamed(output.name, named_scale, plan.scale))
     dtype = resolve_dtype(settings.dtype, fmt, volume)
     scale = bundle.scale if plan is None else plan.scale
     output = output or Path(default_output_name(volume, fmt, scale, job.stem))
@@ -326,11 +333,18 @@ class EngineOptions:
         return LatentSRPipeline(bundle, sessions, scheduler_config)
 
 
-def run_job(job, output: Path, bundle, open_pipeline, settings: InferSettings, record: dict) -> dict:
-    """One batch job; a failure becomes the record's error instead of stopping the batch."""
-    stage = _read_stage(job, output, bundle, settings, record, skip_existing=False)
-    stage = _run_stage(stage, open_pipeline, settings)
-    return _write_stage(stage, settings)
+def _renamed(name: str, named: int, scale: int) -> str:
+    """An output ``name`` planned as ``<stem>_sr<named>x<suffix>`` (medsr.io.inputs.Job.output_name) with the
+    factor ``scale`` instead."""
+    stem, marker, suffix = name.rpartition(f"_sr{named}x")
+    return f"{stem}_sr{scale}x{suffix}" if marker else name
+
+
+def batch_name_scale(bundle, settings: InferSettings) -> int:
+    """The factor in a batch's output names, decided before any input is read: ``--through-plane-scale`` when a
+    through-plane run gives one, else the model's scale (a through-plane job of another factor is renamed when it
+    is read: :func:`prepare_job`)."""
+    return (settings.through_plane and settings.through_plane_scale) or bundle.scale
 
 
 def _failed(job, record: dict, exc: Exception) -> dict:
@@ -349,7 +363,11 @@ def _read_stage(job, output: Path, bundle, settings: InferSettings, record: dict
     if skip_existing and output.exists() and not settings.overwrite:
         return {**record, "status": "skipped", "reason": "output exists"}
     try:
-        return job, record, prepare_job(job, output, bundle, settings)
+        return job, record, prepare_job(job, output, bundle, settings, batch_name_scale(bundle, settings))
+    except OutputExistsError as exc:
+        if skip_existing and Path(exc.path) != output:  # renamed for its factor, and done by an earlier run
+            return {**record, "output": str(exc.path), "status": "skipped", "reason": "output exists"}
+        return _failed(job, record, exc)
     except Exception as exc:  # noqa: BLE001
         return _failed(job, record, exc)
 
@@ -425,13 +443,13 @@ def _submit_read(reader: ThreadPoolExecutor, plan, index: int, bundle, settings:
 def plan_batch(jobs: list, outdir: Path, bundle, settings: InferSettings) -> list[tuple[object, Path, dict]]:
     """(job, output, record) for every job of a batch into ``outdir``, in order, without touching any file.
 
-    Outputs are named by the model's scale, or by ``through_plane_scale`` when a through-plane run gives one (the
-    inputs are not read here, so their own factors are not known yet). A job whose output name another job already
+    Outputs are named by :func:`batch_name_scale` (the inputs are not read here, so their own factors are not known
+    yet; a through-plane job of another factor is renamed when it is read). A job whose output name another job already
     took gets its unique name; if that too is taken, its record is already final (``status`` failed). Every other
     record holds input, series and output only, for :func:`run_batch_job`.
     """
     planned, plan = {}, []
-    scale = (settings.through_plane and settings.through_plane_scale) or bundle.scale
+    scale = batch_name_scale(bundle, settings)
     for job in jobs:
         fmt = settings.fmt or job.default_format()
         output = outdir / job.output_name(fmt, scale)

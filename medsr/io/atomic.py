@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from medsr.errors import OutputError
+from medsr.errors import OutputError, OutputExistsError
 
 
 def check_output_path(path: str | os.PathLike, overwrite: bool, directory: bool = False) -> Path:
@@ -25,7 +25,7 @@ def check_output_path(path: str | os.PathLike, overwrite: bool, directory: bool 
     """
     path = Path(path)
     if path.exists() and not overwrite:
-        raise OutputError(f"{path}: output exists; pass --overwrite to replace it")
+        raise OutputExistsError(path, f"{path}: output exists; pass --overwrite to replace it")
     if path.exists() and path.is_dir() != directory:
         have, want = ("a directory", "a file") if path.is_dir() else ("a file", "a directory")
         raise OutputError(f"{path}: output path is {have}; this output is {want}")
