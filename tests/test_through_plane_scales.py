@@ -261,3 +261,53 @@ def test_the_harness_defaults_to_every_factor_and_refuses_others(tmp_path, multi
     doc = json.loads((out / report.JSON_NAME).read_text())
     assert doc["settings"]["factors"] == list(SCALES) and [run["factor"] for run in doc["runs"]] == list(SCALES)
     assert not [n for n in doc["notes"] if n.startswith("the model was made for")]
+
+
+def test_medsr_export_prebuilds_trt_plans_for_each_factor_asked_where_inference_finds_them(
+    multi_bundle, tmp_path, monkeypatch
+):
+    """``medsr-export --trt fp32 --trt-scale 2 --trt-scale 3`` builds each graph's plan at both factors (TensorRT
+    fakes: tests/trt_fakes.py); an x3 run's sessions, opened on the bundle as medsr-infer opens them and with
+    building off, then find every plan of its shapes."""
+    from trt_fakes import FakeCuda, fake_tensorrt
+
+    import medsr.engine.trt as trt_module
+    from medsr.cli.export import _build_trt_plans
+    from medsr.engine.profiles import graph_input_shapes
+
+    monkeypatch.setenv("MEDSR_CACHE", str(tmp_path / "cache"))
+    cuda, built = FakeCuda(), []
+    trt = fake_tensorrt(cuda)
+    real_open = trt_module.open_trt_sessions
+
+    def open_with_fakes(bundle, precision, profiles=None, build=True):
+        sessions = real_open(bundle, precision, profiles=profiles, build=build, trt=trt, cuda=cuda)
+        for graph, session in sessions.items():
+            session.builder = lambda path, profile, p, g=graph: built.append((g, profile.tag)) or f"plan:{g}".encode()
+        return sessions
+
+    monkeypatch.setattr(trt_module, "open_trt_sessions", open_with_fakes)
+    _build_trt_plans(multi_bundle, "fp32", 2, 16, 8, scales=(2, 3))
+    bundle = load_bundle(multi_bundle)
+    wanted = {
+        (graph, tuple(shapes.items()))
+        for scale in (2, 3)
+        for graph, shapes in graph_input_shapes(bundle.with_scale(scale), 2, 16, 8).items()
+    }
+    assert len(built) == len(set(built)) == len(wanted)  # each distinct shape once (an LR-conditioned encoder: one)
+    assert sorted(g for g, _ in built) == sorted(g for g, _ in wanted)
+    sessions = open_with_fakes(bundle, "fp32", build=False)
+    for graph, shapes in graph_input_shapes(bundle.with_scale(3), 2, 16, 8).items():
+        sessions[graph].executor(shapes)  # loads the plan of exactly these shapes; building is off
+    assert len(built) == len(wanted)  # nothing built again
+
+
+def test_trt_scale_needs_trt_and_a_served_factor(tmp_path):
+    from medsr.cli.export import export
+
+    base = ["--preset", "tiny-through-plane", "--random-init", "-o", str(tmp_path / "b")]
+    alone = CliRunner().invoke(export, [*base, "--trt-scale", "4"])
+    assert alone.exit_code == 1 and "--trt-scale chooses the factors --trt builds plans for" in alone.output
+    unserved = CliRunner().invoke(export, [*base, "--trt", "fp32", "--trt-scale", "3"])
+    assert unserved.exit_code == 1 and "--trt-scale 3: preset tiny-through-plane serves x4" in unserved.output
+    assert not (tmp_path / "b").exists()

@@ -23,9 +23,7 @@ from medsr.engine.precision import PRECISIONS
 @click.option(
     "--random-init", is_flag=True, help="Random weights for whatever no file gives (tests, benchmarks); recorded."
 )
-@click.option(
-    "--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of --random-init (>= 0)."
-)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of --random-init (>= 0).")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Bundle directory to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle directory.")
 @click.option(
@@ -48,11 +46,30 @@ from medsr.engine.precision import PRECISIONS
     show_default=True,
     help="Batch, LR height and LR width of the static TensorRT profile that --trt builds.",
 )
+@click.option(
+    "--trt-scale",
+    "trt_scales",
+    type=click.IntRange(min=2),
+    multiple=True,
+    help="Build --trt plans for this factor of a model serving several (task.scales; repeatable; default: the "
+    "model's default factor).",
+)
 @triton_export_options
 @medsr_errors
 def export(
-    preset_name, weights, vae_weights, unet_weights, objective_from_weights, random_init, seed, output, overwrite,
-    validate, trt_precision, trt_shape,
+    preset_name,
+    weights,
+    vae_weights,
+    unet_weights,
+    objective_from_weights,
+    random_init,
+    seed,
+    output,
+    overwrite,
+    validate,
+    trt_precision,
+    trt_shape,
+    trt_scales,
 ):
     """Export the VAE encoder, VAE decoder and denoiser of a model as a validated ONNX bundle."""
     from medsr.errors import InputError
@@ -70,6 +87,12 @@ def export(
     preset = get_preset(preset_name)
     if objective_from_weights:
         preset = with_trained_objective(preset, weights)
+    if trt_scales and not trt_precision:
+        raise InputError("--trt-scale chooses the factors --trt builds plans for; add --trt PRECISION")
+    unserved = sorted(set(trt_scales) - set(preset.trained_scales))
+    if unserved:
+        served = ", ".join(f"x{s}" for s in preset.trained_scales)
+        raise InputError(f"--trt-scale {unserved[0]}: preset {preset.name} serves {served}")
     if trt_precision:
         _require_tensorrt()
     vae, unet, provenance = build_models(
@@ -81,7 +104,7 @@ def export(
         path = export_bundle(vae, unet, preset, output, provenance, overwrite=overwrite)
     click.echo(f"wrote bundle {path} (preset {preset.name}, weights: {provenance['weights']['source']})")
     if trt_precision:
-        _build_trt_plans(path, trt_precision, *trt_shape)
+        _build_trt_plans(path, trt_precision, *trt_shape, trt_scales)
 
 
 def _require_tensorrt() -> None:
@@ -93,18 +116,21 @@ def _require_tensorrt() -> None:
     CudaRuntime().gpu()
 
 
-def _build_trt_plans(path, precision: str, batch: int, lr_height: int, lr_width: int) -> None:
-    """Build (or find up to date) one static plan per graph for this slice size, in the engine cache."""
+def _build_trt_plans(path, precision: str, batch: int, lr_height: int, lr_width: int, scales=()) -> None:
+    """Build (or find up to date) one static plan per graph for this slice size and each factor of ``scales``
+    (default: the model's), in the engine cache, where medsr-infer finds them: its sessions are the bundle's, whatever
+    factor a run asks of a multi-factor model, and a plan is keyed by its shapes."""
     from medsr.bundle import load_bundle
     from medsr.engine.profiles import static_profiles
     from medsr.engine.trt import open_trt_sessions
 
     bundle = load_bundle(path)
-    profiles = static_profiles(bundle, batch, lr_height, lr_width)
-    sessions = open_trt_sessions(bundle, precision, profiles={g: [p] for g, p in profiles.items()})
-    for graph, session in sessions.items():
-        session.plan(profiles[graph])
-        click.echo(f"TensorRT {precision} plan ready for {graph} ({profiles[graph].tag})")
+    for scale in scales or (bundle.scale,):
+        profiles = static_profiles(bundle.with_scale(scale), batch, lr_height, lr_width)
+        sessions = open_trt_sessions(bundle, precision, profiles={g: [p] for g, p in profiles.items()})
+        for graph, session in sessions.items():
+            session.plan(profiles[graph])
+            click.echo(f"TensorRT {precision} plan ready for {graph} at x{scale} ({profiles[graph].tag})")
 
 
 def _export_validated(vae, unet, preset, output, provenance, overwrite):
