@@ -21,6 +21,21 @@ def tiny_bundle(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def through_bundle(tmp_path_factory) -> Path:
+    """The ``tiny-through-plane`` preset (x4, Gaussian FWHM 4) exported with random weights by medsr-export, once
+    per session; the tests only read it."""
+    pytest.importorskip("torch")
+    from click.testing import CliRunner
+
+    from medsr.cli.export import export
+
+    root = tmp_path_factory.mktemp("bundles") / "tiny-through-plane"
+    result = CliRunner().invoke(export, ["--preset", "tiny-through-plane", "--random-init", "-o", str(root)])
+    assert result.exit_code == 0, result.output
+    return root
+
+
+@pytest.fixture(scope="session")
 def example4d_path() -> Path:
     """nibabel's real EPI volume: 128x96x24x2, 2 x 2 x 2.2 mm, int16 with an oblique affine (MIT licence)."""
     from nibabel.testing import data_path

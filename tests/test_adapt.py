@@ -23,18 +23,6 @@ from medsr.io.affine import upsample_affine_along
 from medsr.io.formats import load_image
 from medsr.io.nifti import COMMENT_ECODE
 
-
-@pytest.fixture(scope="module")
-def through_bundle(tmp_path_factory):
-    """The ``tiny-through-plane`` preset exported with random weights, once for this module, by medsr-export."""
-    from medsr.cli.export import export
-
-    root = tmp_path_factory.mktemp("bundles") / "tiny-through-plane"
-    result = CliRunner().invoke(export, ["--preset", "tiny-through-plane", "--random-init", "-o", str(root)])
-    assert result.exit_code == 0, result.output
-    return root
-
-
 SHAPE = (40, 36, 10)  # voxels of 1 x 1 x 4 mm: in-plane planes of 40 x 36, the tiny model's 32-pixel crops fit
 
 

@@ -224,18 +224,6 @@ def test_the_baselines_run_end_to_end_and_refuse_to_overwrite(tmp_path):
     assert len(again.output.strip().splitlines()) == 1
 
 
-@pytest.fixture(scope="module")
-def through_bundle(tmp_path_factory):
-    """The ``tiny-through-plane`` preset (x4, Gaussian FWHM 4) exported with random weights by medsr-export."""
-    pytest.importorskip("torch")
-    from medsr.cli.export import export
-
-    root = tmp_path_factory.mktemp("bundles") / "tiny-through-plane"
-    result = CliRunner().invoke(export, ["--preset", "tiny-through-plane", "--random-init", "-o", str(root)])
-    assert result.exit_code == 0, result.output
-    return root
-
-
 def test_a_random_weight_through_plane_bundle_runs_end_to_end(tmp_path, through_bundle):
     path = _save(tmp_path / "head.nii.gz", _phantom((24, 16, 32)))
     out = tmp_path / "out"

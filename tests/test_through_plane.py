@@ -38,17 +38,6 @@ from medsr.io.formats import load_image
 
 
 @pytest.fixture(scope="module")
-def through_bundle(tmp_path_factory):
-    """The ``tiny-through-plane`` preset exported with random weights, once for this module, by medsr-export."""
-    from medsr.cli.export import export
-
-    root = tmp_path_factory.mktemp("bundles") / "tiny-through-plane"
-    result = CliRunner().invoke(export, ["--preset", "tiny-through-plane", "--random-init", "-o", str(root)])
-    assert result.exit_code == 0, result.output
-    return root
-
-
-@pytest.fixture(scope="module")
 def pipeline(through_bundle):
     bundle = load_bundle(through_bundle)
     return LatentSRPipeline(bundle, open_sessions(bundle, "ort", threads=1))

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from io_fixtures import smooth_image
 
 from medsr.bundle import load_bundle
@@ -28,13 +27,8 @@ def pipeline(tiny_bundle):
 
 
 @pytest.fixture(scope="module")
-def through_pipeline(tmp_path_factory):
-    from medsr.cli.export import export
-
-    root = tmp_path_factory.mktemp("bundles") / "tiny-through-plane"
-    result = CliRunner().invoke(export, ["--preset", "tiny-through-plane", "--random-init", "-o", str(root)])
-    assert result.exit_code == 0, result.output
-    bundle = load_bundle(root)
+def through_pipeline(through_bundle):
+    bundle = load_bundle(through_bundle)
     return LatentSRPipeline(bundle, open_sessions(bundle, "ort", threads=1))
 
 
