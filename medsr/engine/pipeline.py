@@ -286,12 +286,10 @@ class LatentSRPipeline:
 
     def _engine_stage(self, staged: _HostBatch, options: SamplingOptions, trace: Trace | None) -> np.ndarray:
         """The SR planes of a staged batch before data consistency, (n, f_H*h, f_W*w) float32."""
-        height, width = staged.measured.shape[1:]
         if staged.image is None:
             return self._super_resolve_tiled(staged.measured, staged.rngs, options)
-        decoded = self._run_graphs(staged.image, staged.rngs, staged.indices, options.steps, options.lr_latent, trace)
-        f_h, f_w = self.bundle.factors
-        return decoded.mean(axis=1)[:, : height * f_h, : width * f_w]
+        size = staged.measured.shape[1:]
+        return self._sr_planes(staged.image, size, staged.rngs, staged.indices, options.steps, options.lr_latent, trace)
 
     def _host_out(self, staged: _HostBatch, sr: np.ndarray, consistency: str, sink: Sink) -> int:
         """Data consistency and residuals of a batch's SR planes, handed to ``sink``; the number of planes."""
@@ -338,28 +336,28 @@ class LatentSRPipeline:
         (B, f_H*h, f_W*w) float32 before data consistency. Slice b draws all its noise from ``rngs[b]`` and is traced
         as ``indices[b]``; ``super_resolve`` passes the generators of `SamplingOptions.generators`, a server the
         generators of each request's own (seed, index)."""
-        f_h, f_w = self.bundle.factors
-        height, width = lr.shape[-2:]
-        decoded = self._run_graphs(self.network_image(lr), rngs, indices, steps, lr_latent, trace)
-        return decoded.mean(axis=1)[:, : height * f_h, : width * f_w]
+        return self._sr_planes(self.network_image(lr), lr.shape[-2:], rngs, indices, steps, lr_latent, trace)
 
-    def _run_graphs(
+    def _sr_planes(
         self,
         image: np.ndarray,
+        lr_size: Sequence[int],
         rngs: list[np.random.Generator],
         indices: Sequence[int],
         steps: int | None,
         lr_latent: str | None,
         trace: Trace | None,
     ) -> np.ndarray:
-        """The encoder's input (B, C_img, H, W) through encoder, denoising loop and decoder: (B, C_img, ...)."""
+        """The encoder's input (B, C_img, H, W) of LR planes of ``lr_size`` (h, w) through encoder, denoising loop
+        and decoder: (B, f_H*h, f_W*w), averaged over the image channels, padding cropped."""
         z_lr = self.encode(image, rngs, lr_latent or self.bundle.manifest.vae.lr_latent)
         _emit(trace, "lr_latent", indices, z_lr)
         latent = self.denoise(z_lr, rngs, steps, indices, trace)
         _emit(trace, "final_latent", indices, latent)
         decoded = self.decode(latent)
         _emit(trace, "decoded_image", indices, decoded)
-        return decoded
+        (f_h, f_w), (height, width) = self.bundle.factors, lr_size
+        return decoded.mean(axis=1)[:, : height * f_h, : width * f_w]
 
     def autoencode(self, images: np.ndarray) -> np.ndarray:
         """decode(encode(x)) of (N, H, W) slices in [-1, 1]: the autoencoder ceiling, posterior mean, (N, H, W).
