@@ -14,48 +14,22 @@ import warnings
 
 import numpy as np
 import pytest
+from samplers import SAMPLERS
 from trt_fakes import FakeCuda, fake_tensorrt
 
 import medsr.engine.pipeline as pipeline_module
 import medsr.engine.trt as trt_module
+from medsr.bench.loop_variants import HostOnly, StepByStep
 from medsr.bundle import load_bundle
 from medsr.engine import device_loop
 from medsr.engine.device_loop import HostArrays
 from medsr.engine.pipeline import LatentSRPipeline, SamplingOptions
-from medsr.engine.schedulers import SchedulerConfig
 from medsr.engine.sessions import cuda_provider_options, open_ort_sessions
-from medsr.errors import NonFiniteError
+from medsr.errors import BackendError, NonFiniteError
 
-#: every sampler of medsr.engine.schedulers, deterministic and stochastic (ddim with eta > 0, ddpm), with clipping
-SAMPLERS = {
-    "ddim": SchedulerConfig(algorithm="ddim", prediction_type="sample"),
-    "ddim-eta-stochastic": SchedulerConfig(algorithm="ddim", prediction_type="epsilon", eta=0.7),
-    "ddim-clip-stochastic": SchedulerConfig(algorithm="ddim", prediction_type="sample", clip_sample=True, eta=0.3),
-    "ddpm-stochastic": SchedulerConfig(algorithm="ddpm", prediction_type="v_prediction"),
-    "dpmsolver++": SchedulerConfig(algorithm="dpmsolver++", prediction_type="epsilon"),
-    "flow_euler": SchedulerConfig(algorithm="flow_euler", prediction_type="flow"),
-    "latentsr": SchedulerConfig(
-        algorithm="latentsr",
-        prediction_type="sample",
-        beta_schedule="cosine",
-        reversed_table=True,
-        init_noise_sigma=0.5,
-    ),
-}
 LR = np.random.default_rng(1).uniform(-1, 1, (3, 8, 12)).astype(np.float32)
 #: 3 slices at batch 2: two batches of different shapes, so the loop binds two shapes
 OPTIONS = SamplingOptions(steps=4, seed=3, batch_size=2, tile_size=None)
-
-
-class HostOnly:
-    """An ORT session without ``bind``: the pipeline then runs its host loop on the same graph."""
-
-    def __init__(self, session):
-        self.session = session
-        self.input_names, self.output_names, self.providers = session.input_names, session.output_names, ("host",)
-
-    def run(self, feeds):
-        return self.session.run(feeds)
 
 
 @pytest.fixture(scope="module")
@@ -237,13 +211,36 @@ def test_cuda_provider_options():
 
 
 class FakeDeviceArrays(HostArrays):
-    """CupyArrays' interface over FakeCuda's device memory (NumPy arrays keyed by address)."""
+    """CupyArrays' interface over FakeCuda's device memory (NumPy arrays keyed by address): the loop's device work
+    (fill, copy, step) goes through the fake stream, so a capture records it instead of running it, and a host
+    transfer while capturing fails, as CUDA's would (an illegal call in a capture)."""
 
     def __init__(self, cuda):
         self.cuda = cuda
 
     def view(self, address, shape, dtype, owner=None):
         return self.cuda.memory[address].view(dtype).reshape(shape)
+
+    def empty(self, shape, dtype):
+        assert not self.cuda.capturing, "allocation while capturing (the memory pool would recycle it)"
+        return super().empty(shape, dtype)
+
+    def upload(self, host, device):
+        assert not self.cuda.capturing, "host transfer while capturing"
+        super().upload(host, device)
+
+    def download(self, device):
+        assert not self.cuda.capturing, "host transfer while capturing"
+        return super().download(device)
+
+    def fill(self, device, value):
+        self.cuda.submit(lambda: HostArrays.fill(self, device, value))
+
+    def copy(self, destination, source):
+        self.cuda.submit(lambda: HostArrays.copy(self, destination, source))
+
+    def step(self, coeffs, sample, output, history, noise=None):
+        self.cuda.submit(lambda: HostArrays.step(self, coeffs, sample, output, history, noise))
 
 
 def trt_pipeline(bundle, tmp_path, monkeypatch, device: bool, config):
@@ -259,23 +256,120 @@ def trt_pipeline(bundle, tmp_path, monkeypatch, device: bool, config):
     return LatentSRPipeline(bundle, sessions, config), sessions, cuda
 
 
-@pytest.mark.parametrize("name", ["ddim", "ddpm-stochastic"])
-def test_tensorrt_device_loop_replays_the_engine_graph_and_matches_the_host_loop(tiny, tmp_path, monkeypatch, name):
-    """3 slices at batch 2 on the fake TensorRT: the last batch runs padded on the batch-2 plan through views of
-    its first item; the engine alone is captured once per executor and replayed; no step copies to the host."""
+#: 7 slices at batch 2: three full batches on one binding, then the last one padded on the same plan
+VOLUME = np.random.default_rng(5).uniform(-1, 1, (7, 8, 12)).astype(np.float32)
+TRT_OPTIONS = SamplingOptions(steps=3, seed=2, batch_size=2, tile_size=None)
+
+
+def host_loop_images(bundle, tmp_path, monkeypatch, config, lr=VOLUME, options=TRT_OPTIONS):
+    """The fake TensorRT's SR images through the host loop (no CuPy: every step crosses to the host)."""
+    host, _, _ = trt_pipeline(bundle, tmp_path, monkeypatch, False, config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "CuPy is not installed", tested below
+        return host.super_resolve(lr, options).images
+
+
+def record_launches(cuda, monkeypatch) -> list:
+    """The handles of every graph ``cuda`` launches from now on, in order."""
+    launched = []
+    launch = cuda.launch
+    monkeypatch.setattr(cuda, "launch", lambda handle: launched.append(handle) or launch(handle))
+    return launched
+
+
+def loop_graphs(sessions):
+    """{binding batch: [captured loops]} of the denoiser."""
+    return {
+        signature[0][0]: [loop for loop in binding.loops.values() if loop.graph is not None]
+        for signature, binding in sessions["denoiser"]._bindings.items()
+    }
+
+
+@pytest.mark.parametrize("name", ["ddim", "ddpm-stochastic", "ddim-clip-stochastic", "dpmsolver++"])
+def test_tensorrt_captures_the_whole_loop_and_matches_the_host_loop(tiny, tmp_path, monkeypatch, name):
+    """The first batch of the batch-2 binding runs step by step, the second is captured as one graph of the whole
+    trajectory (timesteps, engine, steps) and replayed, the third replays it; nothing is allocated or copied to
+    the host while capturing, the noise of every step is uploaded before the launch, and the images are the host
+    loop's bit for bit. The padded last batch (its own binding, used once) runs step by step."""
+    bundle, _ = tiny
+    pipeline, sessions, cuda = trt_pipeline(bundle, tmp_path, monkeypatch, True, SAMPLERS[name])
+    launched = record_launches(cuda, monkeypatch)
+    images = pipeline.super_resolve(VOLUME, TRT_OPTIONS).images
+    graphs = loop_graphs(sessions)
+    assert {batch: len(loops) for batch, loops in graphs.items()} == {2: 1, 1: 0}
+    (executor,) = sessions["denoiser"]._executors.values()  # batch 1 padded to the batch-2 plan
+    assert executor.graph is None and executor.device_graph is None  # neither the host path nor per-step graphs
+    assert launched.count(graphs[2][0].graph) == 2  # batches 2 and 3: one launch each for all 3 steps
+    np.testing.assert_array_equal(images, host_loop_images(bundle, tmp_path, monkeypatch, SAMPLERS[name]))
+    (loop,) = graphs[2]
+    sessions["denoiser"].close()
+    assert loop.graph not in cuda.graphs  # destroyed before the buffers it writes are freed
+
+
+def test_a_trace_runs_step_by_step_on_the_engine_graph(tiny, tmp_path, monkeypatch):
+    """Tracing downloads each step's output, which a whole-loop graph cannot: the loop runs step by step, the
+    engine alone captured once and replayed, with the host loop's results."""
+    bundle, _ = tiny
+    pipeline, sessions, cuda = trt_pipeline(bundle, tmp_path, monkeypatch, True, SAMPLERS["ddim"])
+    launched = record_launches(cuda, monkeypatch)
+    stages = {}
+    images = pipeline.super_resolve(
+        VOLUME, TRT_OPTIONS, trace=lambda s, i, a: stages.setdefault(s, []).append(a)
+    ).images
+    assert len(stages["denoiser_output[2]"]) == 4  # every batch's last step reached the host
+    assert loop_graphs(sessions) == {2: [], 1: []}
+    (executor,) = sessions["denoiser"]._executors.values()
+    assert executor.device_graph is not None and launched.count(executor.device_graph) == 4 * 3 - 1  # not the 1st
+    np.testing.assert_array_equal(images, host_loop_images(bundle, tmp_path, monkeypatch, SAMPLERS["ddim"]))
+
+
+def test_the_step_by_step_variant_never_captures_the_whole_loop(tiny, tmp_path, monkeypatch):
+    """medsr.bench.loop_variants.StepByStep, the benchmark's uncaptured device loop: the engine alone is replayed per
+    step, and the images are the host loop's."""
+    bundle, _ = tiny
+    _, sessions, _ = trt_pipeline(bundle, tmp_path, monkeypatch, True, SAMPLERS["dpmsolver++"])
+    pipeline = LatentSRPipeline(
+        bundle, {**sessions, "denoiser": StepByStep(sessions["denoiser"])}, SAMPLERS["dpmsolver++"]
+    )
+    images = pipeline.super_resolve(VOLUME, TRT_OPTIONS).images
+    assert loop_graphs(sessions) == {2: [], 1: []}
+    (executor,) = sessions["denoiser"]._executors.values()
+    assert executor.device_graph is not None
+    np.testing.assert_array_equal(images, host_loop_images(bundle, tmp_path, monkeypatch, SAMPLERS["dpmsolver++"]))
+
+
+def test_a_failed_capture_warns_once_and_the_loop_goes_on_step_by_step(tiny, tmp_path, monkeypatch):
+    """A step CUDA refuses to capture: the capture is abandoned (the stream leaves capture mode), one warning says
+    why, that batch and the later ones run step by step, and the images are still the host loop's."""
+    bundle, _ = tiny
+    pipeline, sessions, cuda = trt_pipeline(bundle, tmp_path, monkeypatch, True, SAMPLERS["ddpm-stochastic"])
+    arrays = sessions["denoiser"].arrays
+    step = arrays.step
+
+    def refusing_step(*args):
+        if cuda.capturing:
+            raise BackendError("CUDA call cuLaunchKernel failed: cudaErrorStreamCaptureUnsupported")
+        step(*args)
+
+    arrays.step = refusing_step
+    device_loop._warn_capture_failed.cache_clear()
+    with pytest.warns(UserWarning, match=r"could not be captured as one CUDA graph \(BackendError: CUDA call"):
+        images = pipeline.super_resolve(VOLUME, TRT_OPTIONS).images
+    assert not cuda.capturing and cuda.aborted == 1
+    assert loop_graphs(sessions) == {2: [], 1: []}
+    (binding,) = [b for signature, b in sessions["denoiser"]._bindings.items() if signature[0][0] == 2]
+    assert binding.capturable is False
+    np.testing.assert_array_equal(images, host_loop_images(bundle, tmp_path, monkeypatch, SAMPLERS["ddpm-stochastic"]))
+
+
+def test_without_cupy_the_tensorrt_loop_runs_through_the_host_and_says_so_once(tiny, tmp_path, monkeypatch):
     bundle, _ = tiny
     monkeypatch.setattr(trt_module, "import_cupy", lambda: None)
     device_loop.warn_without_cupy.cache_clear()
-    pipeline, sessions, cuda = trt_pipeline(bundle, tmp_path, monkeypatch, True, SAMPLERS[name])
-    options = SamplingOptions(steps=3, seed=2, batch_size=2, tile_size=None)
-    images = pipeline.super_resolve(LR, options).images
-    (executor,) = sessions["denoiser"]._executors.values()  # batch 1 padded to the batch-2 plan
-    assert executor.device_graph is not None and executor.graph is None  # never the host path's copies
-    assert cuda.launches >= 2 * 2  # steps 2 and 3 of both batches replayed the captured engine
-    host, _, _ = trt_pipeline(bundle, tmp_path, monkeypatch, False, SAMPLERS[name])
+    host, sessions, _ = trt_pipeline(bundle, tmp_path, monkeypatch, False, SAMPLERS["ddim"])
     with pytest.warns(UserWarning, match=r"CuPy is not installed.*pip install cupy-cuda12x"):
-        host_images = host.super_resolve(LR, options).images
-    np.testing.assert_array_equal(images, host_images)
+        host.super_resolve(LR, TRT_OPTIONS)
+    assert not sessions["denoiser"]._bindings
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the warning is said once per process
-        host.super_resolve(LR[:1], options)
+        host.super_resolve(LR[:1], TRT_OPTIONS)

@@ -4,16 +4,25 @@ The host loop of medsr.engine.pipeline copies every step's sample to the engine 
 NumPy scheduler and concatenates chunks. Here the denoiser is *bound* once per input shape to fixed buffers
 (:class:`BoundGraph`: ONNX Runtime IOBinding, TensorRT's device buffers), and for the whole loop the noisy sample,
 the LR latent (uploaded once per batch) and the model output stay in them. The NumPy scheduler stays the one source
-of truth: it computes each step's coefficients on the host (`trajectory_coefficients`), and the binding's array
-module applies them (`apply_coefficients` with ``xp``: CuPy on the engine's CUDA stream, NumPy for ONNX Runtime's
-CPU binding, whose "device" is host memory).
+of truth: it computes each step's coefficients on the host (`trajectory_coefficients`), and the binding's arrays
+apply them in place (:meth:`HostArrays.step`: NumPy for ONNX Runtime's CPU binding, whose "device" is host memory;
+:meth:`CupyArrays.step`: one fused CuPy kernel, medsr.engine.step_kernel, on the engine's CUDA stream).
 
 The step arithmetic runs in float64 and is rounded to float32 once per step, as ``scheduler.step`` does on the host,
 and the history of multistep solvers stays float64 as it does there, so both loops feed the denoiser the same
 float32 samples (tests/test_device_loop.py finds them bit-identical for every sampler). Stochastic samplers draw each
-step's noise on the host from the same generators, at the same point of the loop, and upload it, so seeds give the
-same results on every engine. Nothing is checked per step: the caller checks the final latent once. A ``trace``
-downloads each step's model output to the host, one copy per step, and only then.
+step's noise on the host from the same generators and upload it, so seeds give the same results on every engine.
+Nothing is checked per step: the caller checks the final latent once. A ``trace`` downloads each step's model output
+to the host, one copy per step, and only then.
+
+Whole-loop CUDA graphs: a binding that can be captured (:class:`CapturableGraph`: TensorRT at a static shape) runs
+the whole trajectory of one batch (every step's timestep, engine and sampler step) as one CUDA graph, so a batch
+costs one launch instead of three per step. The first batch of a (binding, trajectory) runs step by step, which also
+does the lazy setup a capture cannot (kernel compilation, TensorRT's first run); the second is captured, and it and
+every later batch replay the graph. The graph reads its inputs from fixed buffers: the sample, the LR latent and
+every step's noise (drawn up front, in the order the step-by-step loop draws it) are uploaded there before each
+launch. A capture that fails is abandoned with one warning naming CUDA's reason and the loop goes on step by step.
+ONNX Runtime's run cannot be captured from outside (it replays its own graph per step, medsr.engine.sessions).
 """
 
 from __future__ import annotations
@@ -22,11 +31,14 @@ import contextlib
 import functools
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
-from medsr.engine.schedulers import apply_coefficients, trajectory_coefficients
+from medsr.engine.schedulers import StepCoefficients, apply_coefficients, trajectory_coefficients
+from medsr.engine.step_kernel import cupy_step_kernel, step_scalars
+from medsr.errors import BackendError
 
 CUPY_HINT = "pip install cupy-cuda12x (cupy-cuda13x for CUDA 13)"
 
@@ -36,6 +48,8 @@ class HostArrays:
     place (ONNX Runtime binds CPU OrtValues over them without copying)."""
 
     xp = np
+    #: the exceptions the array module raises for a CUDA call that fails (none on the host)
+    errors: tuple[type[BaseException], ...] = ()
 
     def empty(self, shape: Sequence[int], dtype) -> np.ndarray:
         return np.zeros(shape, dtype)
@@ -46,19 +60,45 @@ class HostArrays:
     def download(self, device: np.ndarray) -> np.ndarray:
         return np.array(device)
 
+    def fill(self, device: np.ndarray, value: float) -> None:
+        device.fill(value)
+
+    def copy(self, destination: np.ndarray, source: np.ndarray) -> None:
+        """Device to device, same shape."""
+        destination[...] = source
+
+    def step(self, coeffs: StepCoefficients, sample, output, history, noise=None) -> None:
+        """One sampler step in place: ``sample`` (float32) becomes the step's prev_sample rounded once to
+        float32, ``history`` (float64, shaped like it) its pred_original_sample; ``noise`` (float32) is read
+        where the step adds noise."""
+        step = apply_coefficients(
+            coeffs,
+            sample.astype(np.float64),
+            output.astype(np.float64),
+            history,
+            None if noise is None else noise.astype(np.float64),
+            xp=self.xp,
+        )
+        sample[...] = step.prev_sample  # the one rounding to float32 of each step, as scheduler.step's astype
+        history[...] = step.pred_original_sample
+
     def active(self):
         return contextlib.nullcontext()
 
 
-class CupyArrays:
+class CupyArrays(HostArrays):
     """CuPy on one CUDA stream: views of device buffers an engine owns, and host transfers ordered on the stream.
 
-    ``stream`` is a ``cupy.cuda.Stream`` or ``ExternalStream``; the loop runs its elementwise steps inside
-    :meth:`active`, so they queue behind the engine's work on the same stream without a host synchronization.
+    ``stream`` is a ``cupy.cuda.Stream`` or ``ExternalStream``; the loop runs its steps inside :meth:`active`, so
+    they queue behind the engine's work on the same stream without a host synchronization.
     """
 
     def __init__(self, cupy, stream):
         self.cupy, self.xp, self.stream = cupy, cupy, stream
+
+    @property
+    def errors(self) -> tuple[type[BaseException], ...]:
+        return (self.cupy.cuda.runtime.CUDARuntimeError, self.cupy.cuda.driver.CUDADriverError)
 
     def empty(self, shape: Sequence[int], dtype):
         with self.stream:
@@ -75,6 +115,12 @@ class CupyArrays:
 
     def download(self, device) -> np.ndarray:
         return device.get(stream=self.stream)
+
+    def step(self, coeffs: StepCoefficients, sample, output, history, noise=None) -> None:
+        """:meth:`HostArrays.step` as one kernel launch that allocates nothing (medsr.engine.step_kernel), so a
+        CUDA graph can capture it; bit-identical to it."""
+        kernel = cupy_step_kernel(self.cupy)
+        kernel(output, output if noise is None else noise, *step_scalars(coeffs), sample, history)
 
     def active(self):
         return self.stream
@@ -104,15 +150,44 @@ class BoundGraph(Protocol):
     """A graph bound once to buffers of fixed shapes: ``inputs`` and ``outputs`` are arrays of ``arrays.xp``
     that :meth:`run` reads and overwrites in place (asynchronously, on ``arrays``' stream, on a GPU)."""
 
-    arrays: HostArrays | CupyArrays
+    arrays: HostArrays
     inputs: dict[str, Any]
     outputs: dict[str, Any]
 
     def run(self) -> None: ...
 
 
+class CapturableGraph(BoundGraph, Protocol):
+    """A BoundGraph whose run a CUDA graph can capture within a larger one. ``capturable`` is False where it
+    cannot (a dynamic shape, or a capture that failed); ``loops`` holds this module's :class:`CapturedLoop` of each
+    trajectory, whose graphs the binding destroys when it closes."""
+
+    capturable: bool
+    loops: dict
+
+    def enqueue(self) -> None:
+        """Queue the engine on the stream as it is (no graph of its own, no synchronization)."""
+
+    def capture(self, work: Callable[[], None]):
+        """``work()`` recorded on the stream as an executable CUDA graph, not run (abandoned if it raises)."""
+
+    def launch(self, graph) -> None: ...
+
+
 #: ``bind(input shapes, output shapes) -> BoundGraph``, or None where the session cannot keep the loop on its device
 Bind = Callable[[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]], "BoundGraph | None"]
+
+
+@dataclass
+class CapturedLoop:
+    """One trajectory on one capturable binding: the device buffers its graph reads besides the binding's own
+    (the float64 history, and the noise of each step that adds noise, (m, B, C, h, w) float32, or None), and the
+    graph once captured (None before; ``warm`` once the first batch has run step by step)."""
+
+    history: Any
+    noise: Any
+    graph: Any = None
+    warm: bool = False
 
 
 def sample_on_device(
@@ -130,7 +205,7 @@ def sample_on_device(
     The denoiser runs on at most ``chunk`` items at a time. With one chunk the loop's state is the binding's own
     buffers; with several, the stack lives in loop-owned device arrays and each chunk is copied into its binding
     (device to device) before it runs, since chunks of one shape share one binding. ``emit(k, output)``, when
-    given, receives each step's model output on the host.
+    given, receives each step's model output on the host (and rules out a whole-loop graph).
     """
     batch = sample.shape[0]
     parts = []
@@ -141,37 +216,99 @@ def sample_on_device(
         if bound is None:
             return None
         parts.append((a, b, bound))
+    coefficients = trajectory_coefficients(scheduler)
     arrays = parts[0][2].arrays
-    xp = arrays.xp
-    single = len(parts) == 1
     with arrays.active():
-        if single:
-            only = parts[0][2]
+        only = parts[0][2] if len(parts) == 1 else None
+        if only is not None and emit is None and getattr(only, "capturable", False):
+            return _sample_captured(only, scheduler, coefficients, z_lr, sample, draw_noise)
+        if only is not None:
             x, lr, out = only.inputs["sample"], only.inputs["lr_latent"], only.outputs["model_output"]
         else:
             x, lr, out = (arrays.empty(shape, np.float32) for shape in (sample.shape, z_lr.shape, sample.shape))
         arrays.upload(sample, x)
         arrays.upload(z_lr, lr)
+        history = arrays.empty(sample.shape, np.float64)
         noise = arrays.empty(sample.shape, np.float32) if scheduler.stochastic else None
-        history = None
-        for k, (t, coeffs) in enumerate(zip(scheduler.timesteps, trajectory_coefficients(scheduler))):
+
+        def noise_at(k: int):
+            if not scheduler.stochastic:
+                return None
+            drawn = draw_noise()  # drawn at every step, as the host loop does, so the streams stay aligned
+            if not coefficients[k].c_noise:
+                return None
+            arrays.upload(drawn, noise)
+            return noise
+
+        def run_chunks(t) -> None:
             for a, b, bound in parts:
-                if not single:
-                    bound.inputs["sample"][...] = x[a:b]
-                    bound.inputs["lr_latent"][...] = lr[a:b]
-                bound.inputs["timestep"].fill(t)
+                if only is None:
+                    arrays.copy(bound.inputs["sample"], x[a:b])
+                    arrays.copy(bound.inputs["lr_latent"], lr[a:b])
+                arrays.fill(bound.inputs["timestep"], t)
                 bound.run()
-                if not single:
-                    out[a:b] = bound.outputs["model_output"]
+                if only is None:
+                    arrays.copy(out[a:b], bound.outputs["model_output"])
+
+        for k, t in enumerate(scheduler.timesteps):
+            run_chunks(t)
             if emit is not None:
                 emit(k, arrays.download(out))
-            z = None
-            if scheduler.stochastic:
-                drawn = draw_noise()  # drawn at every step, as the host loop does, so the streams stay aligned
-                if coeffs.needs_noise:
-                    arrays.upload(drawn, noise)
-                    z = noise.astype(np.float64)
-            step = apply_coefficients(coeffs, x.astype(np.float64), out.astype(np.float64), history, z, xp=xp)
-            x[...] = step.prev_sample  # the one rounding to float32 of each step, as scheduler.step's astype
-            history = step.pred_original_sample
+            arrays.step(coefficients[k], x, out, history, noise_at(k))
         return arrays.download(x)
+
+
+def _sample_captured(
+    bound: CapturableGraph,
+    scheduler,
+    coefficients: list[StepCoefficients],
+    z_lr: np.ndarray,
+    sample: np.ndarray,
+    draw_noise: Callable[[], np.ndarray],
+) -> np.ndarray:
+    """One batch on a capturable binding: step by step on the first use of this trajectory, then as one CUDA
+    graph (captured on the second use, replayed from then on)."""
+    arrays = bound.arrays
+    x, lr, out = bound.inputs["sample"], bound.inputs["lr_latent"], bound.outputs["model_output"]
+    key = (tuple(float(t) for t in scheduler.timesteps), tuple(coefficients))
+    noisy = [k for k, coeffs in enumerate(coefficients) if coeffs.c_noise]
+    loop = bound.loops.get(key)
+    if loop is None:
+        noise = arrays.empty((len(noisy), *sample.shape), np.float32) if noisy else None
+        loop = CapturedLoop(arrays.empty(sample.shape, np.float64), noise)
+        bound.loops[key] = loop
+    arrays.upload(sample, x)
+    arrays.upload(z_lr, lr)
+    if scheduler.stochastic:
+        drawn = [draw_noise() for _ in coefficients]  # the step-by-step loop's draws, in its order
+        for slot, k in enumerate(noisy):
+            arrays.upload(drawn[k], loop.noise[slot])
+    slots = {k: loop.noise[slot] for slot, k in enumerate(noisy)}
+
+    def enqueue_trajectory() -> None:
+        for k, (t, coeffs) in enumerate(zip(scheduler.timesteps, coefficients)):
+            arrays.fill(bound.inputs["timestep"], t)
+            bound.enqueue()
+            arrays.step(coeffs, x, out, loop.history, slots.get(k))
+
+    if loop.graph is None and bound.capturable and loop.warm:
+        try:
+            loop.graph = bound.capture(enqueue_trajectory)
+        except (BackendError, *arrays.errors) as exc:  # CUDA refused part of the loop: never capture it again here
+            bound.capturable = False
+            _warn_capture_failed(f"{type(exc).__name__}: {exc}")
+    if loop.graph is not None:
+        bound.launch(loop.graph)
+    else:
+        enqueue_trajectory()
+        loop.warm = True
+    return arrays.download(x)
+
+
+@functools.cache
+def _warn_capture_failed(reason: str) -> None:
+    """Say once per process and reason that a whole-loop capture failed."""
+    warnings.warn(
+        f"the denoising loop could not be captured as one CUDA graph ({reason}); it runs step by step",
+        stacklevel=4,
+    )

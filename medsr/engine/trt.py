@@ -18,8 +18,10 @@ do not change. Every executor of a plan shares its one deserialized ICudaEngine 
 one after the other on the session's stream), so a plan's weights sit on the GPU once (docs/sources.md, "GPU
 engines"). Activations and weights never leave the GPU. With CuPy installed, the denoising loop binds an executor's
 device buffers (:meth:`TrtSession.bind`, medsr.engine.device_loop) and the latents stay on the GPU for the whole loop:
-the NumPy scheduler's coefficients are applied by CuPy on the session's stream, and for a static shape the engine
-alone is captured as a CUDA graph and replayed each step. Without CuPy, the latent (B x C x h x w float32, 48 KB for
+the NumPy scheduler's coefficients are applied by one fused CuPy kernel per step on the session's stream, and for a
+static shape the whole trajectory of a batch (timesteps, engine, steps) is captured as one CUDA graph and replayed for
+every later batch of that shape (the engine alone per step where the loop must stop at each step: a trace, chunks).
+Without CuPy, the latent (B x C x h x w float32, 48 KB for
 one 256x256 slice of a f=4 model) crosses to the host and back once per step, with one warning naming the package.
 TensorRT and cuda-python are imported only here, on first use; a missing package or GPU is a BackendError. TensorRT
 10.8 to 11.x is supported (medsr.engine.trt_build.trt_features): fp16 and bf16 build from a mixed-precision ONNX
@@ -207,7 +209,8 @@ class PlanExecutor:
             self.buffers[name] = (device, host_address, host)
         self.input_names, self.output_names = tuple(inputs), tuple(outputs)
 
-    def _execute(self) -> None:
+    def execute(self) -> None:
+        """Queue the engine on the stream, on the device buffers as they are."""
         if not self.context.execute_async_v3(self.cuda.stream_handle):
             raise BackendError("TensorRT execution failed (execute_async_v3 returned False)")
 
@@ -215,7 +218,7 @@ class PlanExecutor:
         for name in self.input_names:
             device, host_address, host = self.buffers[name]
             self.cuda.copy_to_device(device, host_address, host.nbytes)
-        self._execute()
+        self.execute()
         for name in self.output_names:
             device, host_address, host = self.buffers[name]
             self.cuda.copy_to_host(host_address, device, host.nbytes)
@@ -229,7 +232,7 @@ class PlanExecutor:
         else:
             self._enqueue()
             if self.use_graph:  # the first run did TensorRT's lazy setup; capture the next ones
-                self.graph = self._capture(self._enqueue)
+                self.graph = self.capture(self._enqueue)
                 self.cuda.launch(self.graph)
         self.cuda.synchronize()
         return {name: self.buffers[name][2].copy() for name in self.output_names}
@@ -241,11 +244,11 @@ class PlanExecutor:
         if self.device_graph is not None:
             self.cuda.launch(self.device_graph)
             return
-        self._execute()
+        self.execute()
         if self.use_graph:
-            self.device_graph = self._capture(self._execute)
+            self.device_graph = self.capture(self.execute)
 
-    def _capture(self, work):
+    def capture(self, work):
         """``work`` recorded as an executable CUDA graph (not run)."""
         self.cuda.synchronize()
         self.cuda.begin_capture()
@@ -269,12 +272,15 @@ class PlanExecutor:
 
 
 class TrtBinding:
-    """An executor's device buffers as a medsr.engine.device_loop.BoundGraph: array views (CuPy on the GPU) of
-    the first ``batch`` items of each, so that a batch padded to a larger plan sees only its own items; the
-    padding items start at zero (finite) and the graphs keep them apart from the real ones."""
+    """An executor's device buffers as a medsr.engine.device_loop.CapturableGraph: array views (CuPy on the GPU)
+    of the first ``batch`` items of each, so that a batch padded to a larger plan sees only its own items; the
+    padding items start at zero (finite) and the graphs keep them apart from the real ones. At a static shape the
+    denoising loop captures whole trajectories on the session's stream (``loops``, destroyed by :meth:`close`)."""
 
     def __init__(self, executor: PlanExecutor, arrays, batch: int, outputs):
         self.arrays, self._executor = arrays, executor
+        self.capturable = executor.use_graph
+        self.loops: dict = {}
         with arrays.active():
             views = {
                 name: arrays.view(device, host.shape, host.dtype)
@@ -287,6 +293,22 @@ class TrtBinding:
 
     def run(self) -> None:
         self._executor.execute_device()
+
+    def enqueue(self) -> None:
+        self._executor.execute()
+
+    def capture(self, work):
+        return self._executor.capture(work)
+
+    def launch(self, graph) -> None:
+        self._executor.cuda.launch(graph)
+
+    def close(self) -> None:
+        """Destroy the captured loops (before the executor frees the buffers they use)."""
+        for loop in self.loops.values():
+            if loop.graph is not None:
+                self._executor.cuda.destroy_graph(loop.graph)
+        self.loops.clear()
 
 
 class TrtSession:
@@ -480,6 +502,8 @@ class TrtSession:
         return self._bindings[signature]
 
     def close(self) -> None:
+        for binding in self._bindings.values():
+            binding.close()
         self._bindings.clear()
         for executor in self._executors.values():
             executor.close()
