@@ -59,7 +59,8 @@ else
 fi
 
 echo "== GPU tests"
-$PY -m pytest -q -p no:cacheprovider tests/test_trt_gpu.py tests/test_trt_gpu_padding.py tests/test_trt.py 2>&1 | tail -15 | tee "$OUT_DIR/gpu-tests.txt"
+$PY -m pytest -q -p no:cacheprovider tests/test_trt_gpu.py tests/test_trt_gpu_padding.py tests/test_trt.py \
+  tests/test_step_kernel.py tests/test_device_loop.py tests/test_device_loop_gpu.py 2>&1 | tail -15 | tee "$OUT_DIR/gpu-tests.txt"
 
 echo "== benchmark: ${ENGINES[*]}"
 $PY -c "from medsr.cli.bench import main; main()" --device cuda \
@@ -72,6 +73,9 @@ for engine in ort trt; do  # host stages overlapped with the GPU engine within o
     $PY benchmarks/volume_overlap.py --engine "$engine" --device cuda --steps 1 --repeats 5 \
       --tag "volume-overlap-gpu-$engine" >"$OUT_DIR/volume-overlap-gpu-$engine.log" 2>&1 || status=1
     cp benchmarks/results/"volume-overlap-gpu-$engine.json" "$OUT_DIR/" 2>/dev/null
+    # the denoising loop alone: through the host, on the device step by step, and (TensorRT) as one CUDA graph
+    $PY benchmarks/device_loop.py --engine "$engine" --device cuda --batch-size 4 --steps 10 --repeats 21 \
+      --out "$OUT_DIR/device-loop-gpu-$engine.json" >"$OUT_DIR/device-loop-gpu-$engine.log" 2>&1 || status=1
   fi
 done
 echo "== skipped"
