@@ -1,4 +1,5 @@
-"""Timing one super-resolution run stage by stage: the real medsr-infer path with clocks around each stage.
+"""Timing one super-resolution run stage by stage: the medsr-infer path with clocks around each stage, and the
+same run untimed inside, as medsr-infer does it.
 
 Sessions are wrapped so every graph call is timed (encode = vae_encoder, each denoiser step, decode = vae_decoder);
 the gap after each denoiser call until the next graph call is the sampler's work (NumPy scheduler step, NaN check);
@@ -98,28 +99,39 @@ def write_test_volume(path: Path, lr_size: int, slices: int, seed: int = 0) -> P
     return path
 
 
-def run_volume(bundle, sessions: dict[str, Session], volume_path: Path, out_path: Path, options: SamplingOptions):
-    """Super-resolve the volume at ``volume_path`` along axis 2 and save it; (seconds per stage, SR volume).
-
-    Stage seconds are for the whole volume (see STAGES); ``per_step`` lists every denoiser call's seconds.
-    """
+def _super_resolve_file(pipeline, timeline: Timeline, volume_path: Path, out_path: Path, options: SamplingOptions):
+    """Load, super-resolve along axis 2 and save, recording load and save in ``timeline``; (seconds of the volume
+    call, SR volume)."""
     import nibabel as nib
 
     from medsr.engine.volume import prepare_input, super_resolve_volume, window_percentiles
     from medsr.io.nifti import load_nifti
 
-    timeline = Timeline()
-    pipeline = TimedPipeline(bundle, sessions, timeline)
     begin = time.perf_counter()
     volume = load_nifti(volume_path)
     timeline.record("load", begin)
     start = time.perf_counter()
-    prepared = prepare_input(volume, window_percentiles(bundle))
+    prepared = prepare_input(volume, window_percentiles(pipeline.bundle))
     result = super_resolve_volume(prepared, volume.affine, pipeline, 2, options)
     volume_seconds = time.perf_counter() - start
     start = time.perf_counter()
     nib.save(nib.Nifti1Image(result.data, result.affine), str(out_path))
     timeline.record("save", start)
+    return volume_seconds, result.data
+
+
+def run_volume(bundle, sessions: dict[str, Session], volume_path: Path, out_path: Path, options: SamplingOptions):
+    """Super-resolve the volume at ``volume_path`` along axis 2 and save it, every stage timed in sequence; (seconds
+    per stage, SR volume).
+
+    Stage seconds are for the whole volume (see STAGES); ``per_step`` lists every denoiser call's seconds. Timing
+    each call makes the sessions synchronous and hides their ``bind`` and ``device``: this run loops through the
+    host and runs its stages one after the other (:func:`run_volume_as_infer` times the run medsr-infer does).
+    """
+    timeline = Timeline()
+    pipeline = TimedPipeline(bundle, sessions, timeline)
+    begin = time.perf_counter()
+    volume_seconds, data = _super_resolve_file(pipeline, timeline, volume_path, out_path, options)
     seconds = {
         "load": timeline.total("load"),
         "encode": timeline.total("vae_encoder"),
@@ -133,7 +145,24 @@ def run_volume(bundle, sessions: dict[str, Session], volume_path: Path, out_path
     pipeline_parts = ("encode", "denoise", "sampler", "decode", "consistency")
     seconds["other"] = volume_seconds - sum(seconds[name] for name in pipeline_parts)
     seconds["per_step"] = timeline.durations("denoiser")
-    return seconds, result.data
+    return seconds, data
+
+
+def staged_is_as_run(sessions: dict[str, Session]) -> bool:
+    """Whether :func:`run_volume` runs these sessions as medsr-infer does: no denoiser that keeps the loop on its
+    device (``bind``) and no session computing off the CPU (where the pipeline overlaps the host stages with it)."""
+    return not hasattr(sessions["denoiser"], "bind") and all(
+        getattr(session, "device", "cpu") == "cpu" for session in sessions.values()
+    )
+
+
+def run_volume_as_infer(bundle, sessions: dict[str, Session], volume_path: Path, out_path: Path, options):
+    """The same run as :func:`run_volume`, untimed inside, as medsr-infer does it: the device loop where the
+    denoiser binds, the host stages overlapped with an engine off the CPU; (wall seconds, load and save included,
+    SR volume). Its volume equals run_volume's bit for bit (the loops and the overlap change no arithmetic)."""
+    begin = time.perf_counter()
+    _, data = _super_resolve_file(LatentSRPipeline(bundle, sessions), Timeline(), volume_path, out_path, options)
+    return time.perf_counter() - begin, data
 
 
 def scheduler_step_seconds(
