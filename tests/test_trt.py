@@ -16,6 +16,7 @@ from fresh_python import run_python
 from trt_fakes import TRT10, TRT11, FakeCuda, FakeCudart, fake_bundle, fake_tensorrt
 
 import medsr.engine.precision as precision_module
+import medsr.engine.trt as trt_module
 from medsr.engine import trt_build
 from medsr.engine.cuda import CudaRuntime, GpuInfo
 from medsr.engine.mixed_precision import ISLAND_LEVELS
@@ -178,7 +179,7 @@ def test_session_builds_once_per_shape_and_replays_a_cuda_graph(tmp_path):
         feeds = denoiser_feeds(seed=seed)
         out = session.run(feeds)["model_output"]
         np.testing.assert_allclose(out, 2 * feeds["sample"] + feeds["lr_latent"].mean(), rtol=1e-6)
-    assert len(builds) == 1 and cuda.launches == 3
+    assert len(builds) == 1 and cuda.launches == 2  # the capturing run's result is its eager run's
     session.run(denoiser_feeds(batch=2))  # a new shape: its own static plan
     assert [b[1].split("_")[0] for b in builds] == ["1x3x64x64", "2x3x64x64"]
     session.close()
@@ -572,7 +573,40 @@ def test_a_failed_capture_ends_the_capture(tmp_path):
     assert cuda.aborted == 1 and not cuda.capturing and executor.graph is None
     out = session.run(feeds)["model_output"]  # eager run, then a capture that succeeds
     np.testing.assert_allclose(out, 2 * feeds["sample"] + feeds["lr_latent"].mean(), rtol=1e-6)
-    assert executor.graph is not None and cuda.launches == 1
+    assert executor.graph is not None and cuda.launches == 0
+    session.run(feeds)
+    assert cuda.launches == 1
+
+
+def test_a_capture_cuda_refuses_warns_once_and_the_executor_runs_without_graphs(tmp_path, monkeypatch):
+    """A CUDA or TensorRT refusal while capturing (a BackendError) is not fatal: the run's eager result stands,
+    one warning gives the reason, and the executor never tries to capture again (on the host path and the device
+    path alike)."""
+    cuda = FakeCuda()
+    session, _ = make_session(tmp_path, cuda=cuda, trt=fake_tensorrt(cuda))
+    feeds = denoiser_feeds()
+    executor = session.executor({name: feeds[name].shape for name in session.input_names})
+    executor.engine._fail_executions = 0
+    execute, attempts = executor.execute, []
+
+    def refusing_execute():
+        if cuda.capturing:
+            attempts.append(1)
+            raise BackendError("TensorRT execution failed (execute_async_v3 returned False)")
+        execute()
+
+    monkeypatch.setattr(executor, "execute", refusing_execute)
+    trt_module._warn_without_graphs.cache_clear()
+    with pytest.warns(UserWarning, match=r"could not be captured as a CUDA graph \(TensorRT execution failed"):
+        out = session.run(feeds)["model_output"]
+    np.testing.assert_allclose(out, 2 * feeds["sample"] + feeds["lr_latent"].mean(), rtol=1e-6)
+    assert cuda.aborted == 1 and not cuda.capturing and executor.graph is None and not executor.use_graph
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            session.run(feeds)
+            executor.execute_device()
+    assert attempts == [1] and cuda.launches == 0 and executor.device_graph is None
 
 
 # --- missing TensorRT, missing GPU -------------------------------------------------------------------------------

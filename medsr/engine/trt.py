@@ -11,7 +11,7 @@ run time into a bundle or the package".
 
 Each input shape gets an executor: device buffers and page-locked host buffers allocated once, and for a static
 profile the whole step (copies in, the engine, copies out) captured once as a CUDA graph and replayed, so a step
-costs one launch. One plan serves a whole volume: a batch smaller than a static plan's batch with the same plane
+costs one launch (a capture that CUDA or TensorRT refuses leaves that executor without graphs, with one warning). One plan serves a whole volume: a batch smaller than a static plan's batch with the same plane
 size (a volume's last batch) is padded to it by repeating its last item, and the outputs are cropped, instead of
 building another plan for minutes; the graphs treat the items of a batch independently, so the real items' results
 do not change. Every executor of a plan shares its one deserialized ICudaEngine (several execution contexts, used
@@ -31,6 +31,7 @@ layers on 10.x; :attr:`TrtSession.precision_report` says what was decided, for o
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -231,9 +232,8 @@ class PlanExecutor:
             self.cuda.launch(self.graph)
         else:
             self._enqueue()
-            if self.use_graph:  # the first run did TensorRT's lazy setup; capture the next ones
-                self.graph = self.capture(self._enqueue)
-                self.cuda.launch(self.graph)
+            if self.use_graph:  # the first run did TensorRT's lazy setup; capture the next ones (this one is done)
+                self.graph = self._capture_or_warn(self._enqueue)
         self.cuda.synchronize()
         return {name: self.buffers[name][2].copy() for name in self.output_names}
 
@@ -246,7 +246,7 @@ class PlanExecutor:
             return
         self.execute()
         if self.use_graph:
-            self.device_graph = self.capture(self.execute)
+            self.device_graph = self._capture_or_warn(self.execute)
 
     def capture(self, work):
         """``work`` recorded as an executable CUDA graph (not run)."""
@@ -259,6 +259,16 @@ class PlanExecutor:
             raise
         return self.cuda.end_capture()
 
+    def _capture_or_warn(self, work):
+        """:meth:`capture`, or None where CUDA or TensorRT refuses it (a BackendError): then this executor runs
+        without graphs from now on, and one warning per process and reason says why. Other errors propagate."""
+        try:
+            return self.capture(work)
+        except BackendError as exc:
+            self.use_graph = False
+            _warn_without_graphs(str(exc))
+            return None
+
     def close(self) -> None:
         for graph in (self.graph, self.device_graph):
             if graph is not None:
@@ -269,6 +279,13 @@ class PlanExecutor:
             self.cuda.free_pinned(host_address)
         self.buffers.clear()
         self.context = self.engine = self.runtime = None  # the context first: it must not outlive its engine
+
+
+@functools.cache
+def _warn_without_graphs(reason: str) -> None:
+    warnings.warn(
+        f"TensorRT: the engine could not be captured as a CUDA graph ({reason}); it runs without", stacklevel=4
+    )
 
 
 class TrtBinding:
