@@ -90,8 +90,9 @@ class SamplingOptions:
 
 @dataclass(frozen=True)
 class SRResult:
-    """SR slices (N, f_H*h, f_W*w) float32 in the model range (``bundle.factors``), and the consistency residual ||A(SR) - LR|| / ||LR|| of
-    each slice (N,) under the bundle's degradation operator (``bundle.manifest.task.degradation``)."""
+    """SR slices (N, f_H*h, f_W*w) float32 in the model range (``bundle.factors``), and the consistency residual
+    ||A(SR) - LR|| / ||LR|| of each slice (N,) under the bundle's degradation operator
+    (``bundle.manifest.task.degradation``)."""
 
     images: np.ndarray
     residuals: np.ndarray

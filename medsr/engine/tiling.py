@@ -7,10 +7,10 @@ decoder on its own, so the model's working memory is that of one batch of tiles,
 
 Noise: the tiles run in lockstep through one sampler over the stack of tiles, and each tile's noise (LR posterior
 sample, initial noise, per-step noise of stochastic samplers) is the crop of the array the untiled slice would have
-drawn from its own generator (``default_rng([seed, slice_index])``, or the stack's with shared noise). Overlapping tiles therefore start from the same
-noise, and a slice that fits in one tile gives exactly the untiled result. Under the ``upsampled_latent_concat``
-conditioning the whole slice is upsampled once and the tiles' conditioning images are cut from it, as training cuts
-its crops from whole-slice upsamplings.
+drawn from its own generator (``default_rng([seed, slice_index])``, or the stack's with shared noise). Overlapping
+tiles therefore start from the same noise, and a slice that fits in one tile gives exactly the untiled result. Under
+the ``upsampled_latent_concat`` conditioning the whole slice is upsampled once and the tiles' conditioning images
+are cut from it, as training cuts its crops from whole-slice upsamplings.
 
 Scale: the SR domain is the LR one times the bundle's factors per axis (f_H, f_W): (s, s) in-plane, (1, s)
 through-plane, where a square LR tile becomes T x sT.

@@ -11,22 +11,23 @@ run time into a bundle or the package".
 
 Each input shape gets an executor: device buffers and page-locked host buffers allocated once, and for a static
 profile the whole step (copies in, the engine, copies out) captured once as a CUDA graph and replayed, so a step
-costs one launch (a capture that CUDA or TensorRT refuses leaves that executor without graphs, with one warning). One plan serves a whole volume: a batch smaller than a static plan's batch with the same plane
-size (a volume's last batch) is padded to it by repeating its last item, and the outputs are cropped, instead of
-building another plan for minutes; the graphs treat the items of a batch independently, so the real items' results
-do not change. Every executor of a plan shares its one deserialized ICudaEngine (several execution contexts, used
-one after the other on the session's stream), so a plan's weights sit on the GPU once (docs/sources.md, "GPU
-engines"). Activations and weights never leave the GPU. With CuPy installed, the denoising loop binds an executor's
-device buffers (:meth:`TrtSession.bind`, medsr.engine.device_loop) and the latents stay on the GPU for the whole loop:
-the NumPy scheduler's coefficients are applied by one fused CuPy kernel per step on the session's stream, and for a
-static shape the whole trajectory of a batch (timesteps, engine, steps) is captured as one CUDA graph and replayed for
+costs one launch (a capture that CUDA or TensorRT refuses leaves that executor without graphs, with one warning).
+One plan serves a whole volume: a batch smaller than a static plan's batch with the same plane size (a volume's last
+batch) is padded to it by repeating its last item, and the outputs are cropped, instead of building another plan for
+minutes; the graphs treat the items of a batch independently, so the real items' results do not change. Every
+executor of a plan shares its one deserialized ICudaEngine (several execution contexts, used one after the other on
+the session's stream), so a plan's weights sit on the GPU once (docs/sources.md, "GPU engines"). Activations and
+weights never leave the GPU. With CuPy installed, the denoising loop binds an executor's device buffers
+(:meth:`TrtSession.bind`, medsr.engine.device_loop) and the latents stay on the GPU for the whole loop: the NumPy
+scheduler's coefficients are applied by one fused CuPy kernel per step on the session's stream, and for a static
+shape the whole trajectory of a batch (timesteps, engine, steps) is captured as one CUDA graph and replayed for
 every later batch of that shape (the engine alone per step where the loop must stop at each step: a trace, chunks).
-Without CuPy, the latent (B x C x h x w float32, 48 KB for
-one 256x256 slice of a f=4 model) crosses to the host and back once per step, with one warning naming the package.
-TensorRT and cuda-python are imported only here, on first use; a missing package or GPU is a BackendError. TensorRT
-10.8 to 11.x is supported (medsr.engine.trt_build.trt_features): fp16 and bf16 build from a mixed-precision ONNX
-with fp32 islands chosen by the parity gate (medsr.engine.mixed_precision), strongly typed on 11.x, with pinned
-layers on 10.x; :attr:`TrtSession.precision_report` says what was decided, for outputs' provenance.
+Without CuPy, the latent (B x C x h x w float32, 48 KB for one 256x256 slice of a f=4 model) crosses to the host and
+back once per step, with one warning naming the package. TensorRT and cuda-python are imported only here, on first
+use; a missing package or GPU is a BackendError. TensorRT 10.8 to 11.x is supported
+(medsr.engine.trt_build.trt_features): fp16 and bf16 build from a mixed-precision ONNX with fp32 islands chosen by
+the parity gate (medsr.engine.mixed_precision), strongly typed on 11.x, with pinned layers on 10.x;
+:attr:`TrtSession.precision_report` says what was decided, for outputs' provenance.
 """
 
 from __future__ import annotations

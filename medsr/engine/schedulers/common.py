@@ -283,7 +283,8 @@ class StepCoefficients:
     ``clip`` is elementwise clipping to [-clip_range, clip_range] when ``clip_range`` is not None (the config's
     ``clip_sample``) and the identity otherwise. Clipping is not affine, so a clipping step keeps the clipped x0 as
     a term of its own (``c_x0``); every other step folds x0 into ``c_sample`` and ``c_output`` and has c_x0 = 0.
-    A history or noise term whose coefficient is 0 is skipped (its array may be None), as is a zero c_x0. `apply_coefficients` evaluates the form.
+    A history or noise term whose coefficient is 0 is skipped (its array may be None), as is a zero c_x0.
+    `apply_coefficients` evaluates the form.
 
     Every coefficient is a Python float (so float32 arrays stay float32 under NumPy's promotion rules).
 
