@@ -254,3 +254,19 @@ def test_the_decision_is_kept_beside_the_plans_and_reused(tmp_path, monkeypatch)
     assert shown == {key: report[key] for key in ("precision", "level", "fp32_nodes", "parity_db", "note")}
     assert trt_build.precision_report(tmp_path, graph, "fp32")["fp32_nodes"] == []
     assert mixed_precision.IslandDecision(**{k: shown[k] for k in shown}).to_dict() == shown
+
+
+def test_a_decision_by_an_older_method_is_made_again(tmp_path, monkeypatch):
+    """A kept decision records the recipe it was made under (builder settings, the island-deciding method, the medsr
+    version); when the method changes, the next build decides again instead of reusing its figures."""
+    graph = DEFAULT / "denoiser.onnx"
+    _, report = trt_build.mixed_graph(graph, "fp16", tmp_path)
+    assert report["recipe"] == trt_build.recipe_id("fp16")
+    monkeypatch.setattr(trt_build, "DECISION_METHOD", "a-later-method")
+    decided = []
+    decide = trt_build.decide_islands
+    monkeypatch.setattr(trt_build, "decide_islands", lambda *a: decided.append(1) or decide(*a))
+    _, again = trt_build.mixed_graph(graph, "fp16", tmp_path)
+    assert decided == [1] and again["recipe"] == trt_build.recipe_id("fp16") != report["recipe"]
+    monkeypatch.setattr(trt_build, "__version__", "99.0")
+    assert trt_build.recipe_id("fp16") != again["recipe"]  # a new medsr version rebuilds plans and decisions too

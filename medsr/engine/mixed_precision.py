@@ -57,6 +57,9 @@ import numpy as np
 FLOAT, FLOAT16, BFLOAT16 = 1, 10, 16
 REDUCED_TYPES = {"fp16": FLOAT16, "bf16": BFLOAT16}
 ISLAND_LEVELS = ("timestep-embedding", "time-path", "normalization")
+#: how :func:`decide_islands` measures a mixed graph; changed whenever the measurement changes (the emulation, the
+#: validation inputs, the gate), so that decisions kept in the plan cache by an older method are made again
+DECISION_METHOD = "emulated-storage-v2"
 TIMESTEP = "timestep"
 NORMALIZATIONS = ("InstanceNormalization", "GroupNormalization", "LayerNormalization")
 #: Inputs that keep their own type whatever the node's precision (index by op): Resize's roi and scales.

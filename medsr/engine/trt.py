@@ -2,8 +2,9 @@
 
 Plans live in the engine cache (medsr.bundle.cache), never in the bundle:
 ``engines/<manifest sha256>/tensorrt-<version>/<GPU>-sm<compute capability>/<graph>-<precision>-<profile>.plan``
-with a JSON of its key: graph sha256, precision, builder recipe, shape profile, TensorRT version, GPU name and
-compute capability. A plan whose key differs from this machine's (one copied from elsewhere) is stale: it is
+with a JSON of its key: graph sha256, precision, builder recipe (its settings, the method deciding fp32 islands and
+the medsr version: medsr.engine.trt_build.recipe_id), shape profile, TensorRT version, GPU name and compute
+capability. A plan whose key differs from this machine's (one copied from elsewhere) is stale: it is
 refused with a message naming what differs and rebuilt, never silently reused; with ``build=False`` the refusal is
 a BackendError. The timing cache is shared by every bundle: ``runtimes/tensorrt-<version>/<GPU>/timing.cache``. An
 unwritable cache runs uncached (plans built in memory) with one warning. See docs/design.md, "Nothing is written at

@@ -40,8 +40,16 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from medsr import __version__
 from medsr.bundle.load import MANIFEST_NAME, read_manifest, sha256_file
-from medsr.engine.mixed_precision import ISLAND_LEVELS, IslandDecision, decide_islands, validation_feeds, write_mixed
+from medsr.engine.mixed_precision import (
+    DECISION_METHOD,
+    ISLAND_LEVELS,
+    IslandDecision,
+    decide_islands,
+    validation_feeds,
+    write_mixed,
+)
 from medsr.engine.precision import AUTO, AUTO_REDUCED
 from medsr.engine.profiles import ShapeProfile
 from medsr.errors import BackendError, OutputError
@@ -208,9 +216,12 @@ def precision_plan(precision: str) -> PrecisionPlan:
 
 
 def recipe_id(precision: str) -> str:
-    """A short digest of the builder recipe of ``precision`` (flags set and cleared, layer types pinned): part of a
-    plan's cache key, so a plan built by an older recipe is rebuilt, not reused."""
-    return hashlib.sha256(repr(precision_plan(precision)).encode()).hexdigest()[:12]
+    """A short digest of the builder recipe of ``precision`` (flags set and cleared, island levels), the method
+    that decides its fp32 islands (medsr.engine.mixed_precision.DECISION_METHOD) and the medsr version: part of a
+    plan's cache key and of its island decision's, so a plan or decision made by an older recipe is made again,
+    not reused."""
+    recipe = (precision_plan(precision), DECISION_METHOD, __version__)
+    return hashlib.sha256(repr(recipe).encode()).hexdigest()[:12]
 
 
 def trt_name(trt, dotted: str):
