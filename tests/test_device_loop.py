@@ -18,6 +18,7 @@ from samplers import SAMPLERS
 from trt_fakes import FakeCuda, fake_tensorrt
 
 import medsr.engine.pipeline as pipeline_module
+import medsr.engine.sessions as sessions_module
 import medsr.engine.trt as trt_module
 from medsr.bench.loop_variants import HostOnly, StepByStep
 from medsr.bundle import load_bundle
@@ -137,6 +138,27 @@ def test_stochastic_noise_is_uploaded_only_where_a_step_adds_it(counted, tiny):
     pipeline = LatentSRPipeline(bundle, pipeline.sessions, SAMPLERS["ddpm-stochastic"])
     pipeline.super_resolve(LR[:2], SamplingOptions(steps=4, batch_size=2, tile_size=None))
     assert counts["lr_uploads"] == 1 and counts["uploads"] == 2 + 3
+
+
+@pytest.mark.parametrize("budget", [device_loop.NOISE_BUDGET_BYTES, 0], ids=["up-front", "per-step"])
+def test_noise_is_uploaded_before_the_loop_within_the_budget(tiny, monkeypatch, budget):
+    """Within NOISE_BUDGET_BYTES every step's noise is uploaded before the first denoiser run (a pageable upload
+    waits for the GPU's stream, which would stall every step); beyond it, at each step. Both give the host loop's
+    images."""
+    bundle, _ = tiny
+    sessions = open_ort_sessions(bundle, threads=1)
+    events = []
+    upload, run = sessions["denoiser"].arrays.upload, sessions_module.OrtBinding.run
+    monkeypatch.setattr(sessions["denoiser"].arrays, "upload", lambda h, d: events.append("upload") or upload(h, d))
+    monkeypatch.setattr(sessions_module.OrtBinding, "run", lambda self: events.append("run") or run(self))
+    monkeypatch.setattr(device_loop, "NOISE_BUDGET_BYTES", budget)
+    config = SAMPLERS["ddpm-stochastic"]
+    options = SamplingOptions(steps=4, seed=1, batch_size=2, tile_size=None)
+    images = LatentSRPipeline(bundle, sessions, config).super_resolve(LR[:2], options).images
+    expected = ["upload"] * 5 + ["run"] * 4 if budget else ["upload"] * 2 + ["run", "upload"] * 3 + ["run"]
+    assert events == expected  # sample and LR latent, then noise at the 3 steps that add it (not at t = 0)
+    host = LatentSRPipeline(bundle, {**sessions, "denoiser": HostOnly(sessions["denoiser"])}, config)
+    np.testing.assert_array_equal(images, host.super_resolve(LR[:2], options).images)
 
 
 class NaNAtStep:
@@ -304,6 +326,16 @@ def test_tensorrt_captures_the_whole_loop_and_matches_the_host_loop(tiny, tmp_pa
     (loop,) = graphs[2]
     sessions["denoiser"].close()
     assert loop.graph not in cuda.graphs  # destroyed before the buffers it writes are freed
+
+
+def test_a_stochastic_trajectory_whose_noise_exceeds_the_budget_is_not_captured(tiny, tmp_path, monkeypatch):
+    bundle, _ = tiny
+    monkeypatch.setattr(device_loop, "NOISE_BUDGET_BYTES", 0)
+    for name, captured in (("ddpm-stochastic", 0), ("ddim", 1)):  # ddim adds no noise: it still fits
+        pipeline, sessions, _ = trt_pipeline(bundle, tmp_path / name, monkeypatch, True, SAMPLERS[name])
+        images = pipeline.super_resolve(VOLUME, TRT_OPTIONS).images
+        assert len(loop_graphs(sessions)[2]) == captured, name
+        np.testing.assert_array_equal(images, host_loop_images(bundle, tmp_path / name, monkeypatch, SAMPLERS[name]))
 
 
 def test_a_trace_runs_step_by_step_on_the_engine_graph(tiny, tmp_path, monkeypatch):

@@ -11,7 +11,8 @@ apply them in place (:meth:`HostArrays.step`: NumPy for ONNX Runtime's CPU bindi
 The step arithmetic runs in float64 and is rounded to float32 once per step, as ``scheduler.step`` does on the host,
 and the history of multistep solvers stays float64 as it does there, so both loops feed the denoiser the same
 float32 samples (tests/test_device_loop.py finds them bit-identical for every sampler). Stochastic samplers draw each
-step's noise on the host from the same generators and upload it, so seeds give the same results on every engine.
+step's noise on the host from the same generators, in the host loop's order, so seeds give the same results on every
+engine; it is drawn and uploaded before the loop, once per batch (within :data:`NOISE_BUDGET_BYTES`).
 Nothing is checked per step: the caller checks the final latent once. A ``trace`` downloads each step's model output
 to the host, one copy per step, and only then.
 
@@ -21,7 +22,7 @@ costs one launch instead of three per step. The first batch of a (binding, traje
 does the lazy setup a capture cannot (kernel compilation, TensorRT's first run); the second is captured, and it and
 every later batch replay the graph. The graph reads its inputs from fixed buffers: the sample, the LR latent and
 every step's noise (drawn up front, in the order the step-by-step loop draws it) are uploaded there before each
-launch. A capture that fails is abandoned with one warning naming CUDA's reason and the loop goes on step by step.
+launch; a trajectory whose noise exceeds :data:`NOISE_BUDGET_BYTES` runs step by step. A capture that fails is abandoned with one warning naming CUDA's reason and the loop goes on step by step.
 ONNX Runtime's run cannot be captured from outside (it replays its own graph per step, medsr.engine.sessions).
 """
 
@@ -41,6 +42,10 @@ from medsr.engine.step_kernel import cupy_step_kernel, step_scalars
 from medsr.errors import BackendError
 
 CUPY_HINT = "pip install cupy-cuda12x (cupy-cuda13x for CUDA 13)"
+#: device memory the noise of a whole trajectory may take to be uploaded before the loop, once per batch; beyond it
+#: each step's noise is uploaded at its step, and on a GPU that waits for the stream (a copy from pageable host
+#: memory synchronizes), so the GPU idles while the host queues the next step
+NOISE_BUDGET_BYTES = 256 * 2**20
 
 
 class HostArrays:
@@ -181,7 +186,7 @@ Bind = Callable[[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]], "Bound
 @dataclass
 class CapturedLoop:
     """One trajectory on one capturable binding: the device buffers its graph reads besides the binding's own
-    (the float64 history, and the noise of each step that adds noise, (m, B, C, h, w) float32, or None), and the
+    (the float64 history, and the noise of each of the m steps that add noise, (m, B, C, h, w) float32), and the
     graph once captured (None before; ``warm`` once the first batch has run step by step)."""
 
     history: Any
@@ -220,7 +225,9 @@ def sample_on_device(
     arrays = parts[0][2].arrays
     with arrays.active():
         only = parts[0][2] if len(parts) == 1 else None
-        if only is not None and emit is None and getattr(only, "capturable", False):
+        noisy = sum(1 for coeffs in coefficients if coeffs.c_noise)
+        noise_fits = noisy * sample.nbytes <= NOISE_BUDGET_BYTES
+        if only is not None and emit is None and noise_fits and getattr(only, "capturable", False):
             return _sample_captured(only, scheduler, coefficients, z_lr, sample, draw_noise)
         if only is not None:
             x, lr, out = only.inputs["sample"], only.inputs["lr_latent"], only.outputs["model_output"]
@@ -229,16 +236,20 @@ def sample_on_device(
         arrays.upload(sample, x)
         arrays.upload(z_lr, lr)
         history = arrays.empty(sample.shape, np.float64)
-        noise = arrays.empty(sample.shape, np.float32) if scheduler.stochastic else None
+        if scheduler.stochastic and noise_fits:
+            slots = _upload_noise(arrays, coefficients, draw_noise, arrays.empty((noisy, *sample.shape), np.float32))
+            noise_at = slots.get
+        else:
+            noise = arrays.empty(sample.shape, np.float32) if scheduler.stochastic else None
 
-        def noise_at(k: int):
-            if not scheduler.stochastic:
-                return None
-            drawn = draw_noise()  # drawn at every step, as the host loop does, so the streams stay aligned
-            if not coefficients[k].c_noise:
-                return None
-            arrays.upload(drawn, noise)
-            return noise
+            def noise_at(k: int):
+                if not scheduler.stochastic:
+                    return None
+                drawn = draw_noise()  # drawn at every step, as the host loop does, so the streams stay aligned
+                if not coefficients[k].c_noise:
+                    return None
+                arrays.upload(drawn, noise)
+                return noise
 
         def run_chunks(t) -> None:
             for a, b, bound in parts:
@@ -271,19 +282,15 @@ def _sample_captured(
     arrays = bound.arrays
     x, lr, out = bound.inputs["sample"], bound.inputs["lr_latent"], bound.outputs["model_output"]
     key = (tuple(float(t) for t in scheduler.timesteps), tuple(coefficients))
-    noisy = [k for k, coeffs in enumerate(coefficients) if coeffs.c_noise]
     loop = bound.loops.get(key)
     if loop is None:
-        noise = arrays.empty((len(noisy), *sample.shape), np.float32) if noisy else None
+        noisy = sum(1 for coeffs in coefficients if coeffs.c_noise)
+        noise = arrays.empty((noisy, *sample.shape), np.float32)
         loop = CapturedLoop(arrays.empty(sample.shape, np.float64), noise)
         bound.loops[key] = loop
     arrays.upload(sample, x)
     arrays.upload(z_lr, lr)
-    if scheduler.stochastic:
-        drawn = [draw_noise() for _ in coefficients]  # the step-by-step loop's draws, in its order
-        for slot, k in enumerate(noisy):
-            arrays.upload(drawn[k], loop.noise[slot])
-    slots = {k: loop.noise[slot] for slot, k in enumerate(noisy)}
+    slots = _upload_noise(arrays, coefficients, draw_noise, loop.noise) if scheduler.stochastic else {}
 
     def enqueue_trajectory() -> None:
         for k, (t, coeffs) in enumerate(zip(scheduler.timesteps, coefficients)):
@@ -303,6 +310,17 @@ def _sample_captured(
         enqueue_trajectory()
         loop.warm = True
     return arrays.download(x)
+
+
+def _upload_noise(arrays: HostArrays, coefficients: list[StepCoefficients], draw_noise, buffer) -> dict[int, Any]:
+    """Every step's noise drawn now, one draw per step in the order the step-by-step loop draws it (so seeds give
+    the same results), and that of the steps that add noise uploaded into ``buffer`` (m, B, C, h, w), one slot per
+    such step; {step index: its noise on the device}."""
+    drawn = [draw_noise() for _ in coefficients]
+    noisy = [k for k, coeffs in enumerate(coefficients) if coeffs.c_noise]
+    for slot, k in enumerate(noisy):
+        arrays.upload(drawn[k], buffer[slot])
+    return {k: buffer[slot] for slot, k in enumerate(noisy)}
 
 
 @functools.cache
