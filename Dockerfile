@@ -25,15 +25,19 @@ COPY medsr ./medsr
 
 # The core dependencies name the CPU onnxruntime, which must never sit beside onnxruntime-gpu (one import package):
 # install medsr without dependencies, then the runtime packages with the gpu-cu12 extra's instead, without their
-# [cuda,cudnn] wheels: the image has CUDA 12.8 and cuDNN 9 (the extra's versions, without the duplicate libraries).
-# The image's own tensorrt (10.8, CUDA 12) stands for the extra's tensorrt-cu12. The check imports the whole GPU
-# chain at build time: TensorRT 10.x, cuda.bindings 12.x and ONNX Runtime with its CUDA provider listed, and the
-# provider's libraries all found in the image (ldd; only the driver's libcuda comes from the host at run time).
+# [cuda,cudnn] wheels and CuPy without [ctk]: the image has CUDA 12.8 (NVRTC included) and cuDNN 9 (the extra's
+# versions, without the duplicate libraries). The image's own tensorrt (10.8, CUDA 12) stands for the extra's
+# tensorrt-cu12. The check imports the whole GPU chain at build time: TensorRT 10.x, cuda.bindings 12.x, ONNX
+# Runtime with its CUDA provider listed, and the provider's libraries all found in the image (ldd; only the driver's
+# libcuda comes from the host at run time); CuPy, whose import needs that driver, is checked installed with the
+# NVRTC 12 it compiles the sampler-step kernel with.
 RUN python3 -m pip install --no-deps . \
     && python3 -m pip install "numpy>=1.24" "onnx>=1.15" "nibabel>=5.0" "click>=8.1" "tqdm>=4.60" \
-        "onnxruntime-gpu>=1.21,<1.27" "cuda-python>=12.8,<13" \
-    && python3 -c "import medsr.engine.trt, medsr.engine.cuda, tensorrt, onnxruntime; \
+        "onnxruntime-gpu>=1.21,<1.27" "cuda-python>=12.8,<13" "cupy-cuda12x>=13.6,<15" \
+    && python3 -c "import medsr.engine.trt, medsr.engine.cuda, tensorrt, onnxruntime, ctypes, importlib.metadata; \
 import cuda.bindings, cuda.bindings.runtime; \
+ctypes.CDLL('libnvrtc.so.12'); \
+print('CuPy', importlib.metadata.version('cupy-cuda12x'), 'with NVRTC 12'); \
 assert tensorrt.__version__.startswith('10.'), tensorrt.__version__; \
 assert cuda.bindings.__version__.startswith('12.'), cuda.bindings.__version__; \
 providers = onnxruntime.get_available_providers(); \

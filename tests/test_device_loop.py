@@ -399,7 +399,7 @@ def test_without_cupy_the_tensorrt_loop_runs_through_the_host_and_says_so_once(t
     monkeypatch.setattr(trt_module, "import_cupy", lambda: None)
     device_loop.warn_without_cupy.cache_clear()
     host, sessions, _ = trt_pipeline(bundle, tmp_path, monkeypatch, False, SAMPLERS["ddim"])
-    with pytest.warns(UserWarning, match=r"CuPy is not installed.*pip install cupy-cuda12x"):
+    with pytest.warns(UserWarning, match=r"CuPy is not installed.*pip install 'cupy-cuda12x\[ctk\]'"):
         host.super_resolve(LR, TRT_OPTIONS)
     assert not sessions["denoiser"]._bindings
     with warnings.catch_warnings():

@@ -87,7 +87,8 @@ def test_one_cuda_major_in_the_image():
 
 def test_the_build_checks_the_whole_gpu_chain():
     """The build fails unless TensorRT, cuda.bindings and ONNX Runtime import, each of the image's CUDA major, the
-    CUDA provider is listed and every library it links (but the host's libcuda) is found in the image."""
+    CUDA provider is listed and every library it links (but the host's libcuda) is found in the image, and CuPy is
+    installed with the NVRTC of that major (CuPy's import itself needs the host's driver)."""
     run = " ".join(args for kind, args in instructions() if kind == "RUN")
     for needed in (
         "import medsr.engine.trt",
@@ -98,6 +99,8 @@ def test_the_build_checks_the_whole_gpu_chain():
         "'CUDAExecutionProvider' in providers",
         "libonnxruntime_providers_cuda.so",
         "not found",
+        "ctypes.CDLL('libnvrtc.so.12')",
+        "importlib.metadata.version('cupy-cuda12x')",
     ):
         assert needed in run, needed
 
@@ -114,13 +117,15 @@ def test_the_drivers_it_needs_are_said():
 @pytest.mark.parametrize("major", [12, 13])
 def test_each_gpu_extra_pairs_packages_of_one_cuda_major(major):
     """onnxruntime-gpu 1.21-1.26 are the CUDA 12 builds on PyPI with [cuda,cudnn] extras, 1.27 and later CUDA 13;
-    cuda-python's major is its CUDA major; TensorRT's wheels name theirs (tensorrt-cu12, tensorrt-cu13)."""
+    cuda-python's major is its CUDA major; TensorRT's and CuPy's wheels name theirs (tensorrt-cu12, cupy-cuda12x),
+    and CuPy's [ctk] extra brings the NVRTC of that major, which compiles the sampler-step kernel."""
     extra = _extra(f"gpu-cu{major}")
-    assert set(extra) == {"onnxruntime-gpu", f"tensorrt-cu{major}", "cuda-python"}
+    assert set(extra) == {"onnxruntime-gpu", f"tensorrt-cu{major}", "cuda-python", f"cupy-cuda{major}x"}
     assert extra["cuda-python"].endswith(f",<{major + 1}")
     assert extra["onnxruntime-gpu"] == (">=1.21,<1.27" if major == 12 else ">=1.27,<2")
     deps = pyproject()["project"]["optional-dependencies"][f"gpu-cu{major}"]
     assert "onnxruntime-gpu[cuda,cudnn]" + extra["onnxruntime-gpu"] in deps
+    assert f"cupy-cuda{major}x[ctk]" + extra[f"cupy-cuda{major}x"] in deps
     assert "gpu" not in pyproject()["project"]["optional-dependencies"]  # one extra per CUDA major, no ambiguous one
 
 

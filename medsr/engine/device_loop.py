@@ -41,7 +41,7 @@ from medsr.engine.schedulers import StepCoefficients, apply_coefficients, trajec
 from medsr.engine.step_kernel import cupy_step_kernel, step_scalars
 from medsr.errors import BackendError
 
-CUPY_HINT = "pip install cupy-cuda12x (cupy-cuda13x for CUDA 13)"
+CUPY_HINT = "pip install 'cupy-cuda12x[ctk]' ('cupy-cuda13x[ctk]' for CUDA 13; the gpu-cu12/gpu-cu13 extras have it)"
 #: device memory the noise of a whole trajectory may take to be uploaded before the loop, once per batch; beyond it
 #: each step's noise is uploaded at its step, and on a GPU that waits for the stream (a copy from pageable host
 #: memory synchronizes), so the GPU idles while the host queues the next step
