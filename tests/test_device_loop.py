@@ -338,6 +338,25 @@ def test_a_stochastic_trajectory_whose_noise_exceeds_the_budget_is_not_captured(
         np.testing.assert_array_equal(images, host_loop_images(bundle, tmp_path / name, monkeypatch, SAMPLERS[name]))
 
 
+def test_a_binding_keeps_its_most_recent_trajectories_captured(tiny, tmp_path, monkeypatch):
+    """A server asked for ever new step counts keeps LOOPS_PER_BINDING trajectories per binding: a new one releases
+    the least recently used, graph and buffers, and a reused one counts as recent again."""
+    bundle, _ = tiny
+    monkeypatch.setattr(device_loop, "LOOPS_PER_BINDING", 2)
+    pipeline, sessions, cuda = trt_pipeline(bundle, tmp_path, monkeypatch, True, SAMPLERS["ddim"])
+    lr = VOLUME[:4]  # two batches of two: the second is captured
+    graphs = {}
+    for steps in (2, 3, 2, 4):
+        pipeline.super_resolve(lr, SamplingOptions(steps=steps, seed=2, batch_size=2, tile_size=None))
+        (binding,) = sessions["denoiser"]._bindings.values()
+        graphs[steps] = next(loop.graph for key, loop in binding.loops.items() if len(key[0]) == steps)
+    assert [len(key[0]) for key in binding.loops] == [2, 4]  # 3 was the least recently used when 4 came
+    assert graphs[3] not in cuda.graphs and graphs[2] in cuda.graphs and graphs[4] in cuda.graphs
+    options = SamplingOptions(steps=3, seed=2, batch_size=2, tile_size=None)
+    expected = host_loop_images(bundle, tmp_path, monkeypatch, SAMPLERS["ddim"], lr, options)
+    np.testing.assert_array_equal(pipeline.super_resolve(lr, options).images, expected)
+
+
 def test_a_trace_runs_step_by_step_on_the_engine_graph(tiny, tmp_path, monkeypatch):
     """Tracing downloads each step's output, which a whole-loop graph cannot: the loop runs step by step, the
     engine alone captured once and replayed, with the host loop's results."""

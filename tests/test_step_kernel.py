@@ -1,7 +1,8 @@
 """The fused sampler-step kernel (medsr.engine.step_kernel) against the NumPy step, bit for bit.
 
 The kernel's source is CUDA C; its arithmetic is plain C once ``MEDSR_MUL``/``MEDSR_ADD`` are the IEEE operations
-``__dmul_rn``/``__dadd_rn`` stand for. So the very source CuPy compiles on a GPU is compiled here with the C compiler
+``__dmul_rn``/``__dadd_rn`` stand for and ``MEDSR_F2D``/``MEDSR_D2F`` the casts that the CUDA preamble writes in PTX
+(where CuPy's ``-ftz=true`` would flush subnormals in a plain cast). So the very source CuPy compiles on a GPU is compiled here with the C compiler
 (``-ffp-contract=off``: no fused multiply-add, as on the GPU) into a loop over the elements and compared with
 medsr.engine.device_loop.HostArrays.step, the device loop's step on the CPU, over whole trajectories of every
 sampler and over inputs that catch the usual shortcuts (NaN, infinities, signed zeros, subnormals, overflow to
@@ -25,6 +26,8 @@ from medsr.engine.step_kernel import STEP_SOURCE, step_scalars
 HARNESS = """
 #define MEDSR_MUL(a, b) ((a) * (b))
 #define MEDSR_ADD(a, b) ((a) + (b))
+#define MEDSR_F2D(x) ((double)(x))
+#define MEDSR_D2F(x) ((float)(x))
 void medsr_step(long n, const float *output_, const float *noise_, double x0_sample, double x0_output,
                 double clip_range, double c_sample, double c_output, double c_x0, double c_history,
                 double c_noise, int flags, float *sample_, double *history_) {

@@ -5,6 +5,7 @@ for tensorrt and CUDA; each fake tensorrt has exactly the names of one real vers
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -607,6 +608,11 @@ def test_a_capture_cuda_refuses_warns_once_and_the_executor_runs_without_graphs(
             session.run(feeds)
             executor.execute_device()
     assert attempts == [1] and cuda.launches == 0 and executor.device_graph is None
+    host_views = SimpleNamespace(
+        active=contextlib.nullcontext, view=lambda address, shape, dtype: np.zeros(shape, dtype)
+    )
+    binding = trt_module.TrtBinding(executor, host_views, 1, ())
+    assert not binding.capturable  # the denoising loop does not try to capture what the executor could not
 
 
 # --- missing TensorRT, missing GPU -------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ class FakeCuda:
         self._addresses = itertools.count(0x1000, 0x1000)
         self._capture: list | None = None
         self.graphs: dict[int, list] = {}
+        self._handles = itertools.count(1)  # never reused, as destroyed graphs' handles are not
         self.launches = 0
         self.aborted = 0
 
@@ -90,7 +91,7 @@ class FakeCuda:
         self._capture = []
 
     def end_capture(self):
-        handle = len(self.graphs) + 1
+        handle = next(self._handles)
         self.graphs[handle], self._capture = self._capture, None
         return handle
 
@@ -493,7 +494,7 @@ class FakeCudart:
         self.cudaError_t = SimpleNamespace(cudaErrorNoDevice=self.NO_DEVICE, cudaErrorInsufficientDriver=35)
         self.cudaStreamNonBlocking = 1
         self.cudaMemcpyKind = SimpleNamespace(cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2)
-        self.cudaStreamCaptureMode = SimpleNamespace(cudaStreamCaptureModeGlobal=0)
+        self.cudaStreamCaptureMode = SimpleNamespace(cudaStreamCaptureModeThreadLocal=1)
 
     _public = frozenset({"calls", "SUCCESS", "NO_DEVICE", "INSUFFICIENT_DRIVER", "CAPTURE_INVALIDATED"})
     _names = frozenset(name.split(".")[0] for name in CUDART_API)

@@ -39,7 +39,7 @@ CUDART_API = (
     "cudaMemcpyKind.cudaMemcpyDeviceToHost",
     "cudaStreamSynchronize",
     "cudaStreamBeginCapture",
-    "cudaStreamCaptureMode.cudaStreamCaptureModeGlobal",
+    "cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal",
     "cudaStreamEndCapture",
     "cudaGraphInstantiate",
     "cudaGraphDestroy",
@@ -157,7 +157,10 @@ class CudaRuntime:
         self._check("cudaStreamSynchronize", self.cudart.cudaStreamSynchronize(self.stream))
 
     def begin_capture(self) -> None:
-        mode = self.cudart.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal
+        """Start capturing the stream's work into a graph. Thread-local mode: a call that capture forbids fails when
+        this thread makes it, while other threads of the process (another engine, a server's other requests) keep
+        working; global mode would fail their allocations for as long as the capture lasts."""
+        mode = self.cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
         self._check("cudaStreamBeginCapture", self.cudart.cudaStreamBeginCapture(self.stream, mode))
 
     def end_capture(self):

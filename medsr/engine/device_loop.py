@@ -10,11 +10,11 @@ apply them in place (:meth:`HostArrays.step`: NumPy for ONNX Runtime's CPU bindi
 
 The step arithmetic runs in float64 and is rounded to float32 once per step, as ``scheduler.step`` does on the host,
 and the history of multistep solvers stays float64 as it does there, so both loops feed the denoiser the same
-float32 samples (tests/test_device_loop.py finds them bit-identical for every sampler). Stochastic samplers draw each
-step's noise on the host from the same generators, in the host loop's order, so seeds give the same results on every
-engine; it is drawn and uploaded before the loop, once per batch (within :data:`NOISE_BUDGET_BYTES`).
-Nothing is checked per step: the caller checks the final latent once. A ``trace`` downloads each step's model output
-to the host, one copy per step, and only then.
+float32 samples (tests/test_device_loop.py finds them bit-identical for every sampler). Stochastic samplers draw
+each step's noise on the host from the same generators, in the host loop's order, so seeds give the same results on
+every engine; it is drawn and uploaded before the loop, once per batch (within :data:`NOISE_BUDGET_BYTES`). Nothing
+is checked per step: the caller checks the final latent once. A ``trace`` downloads each step's model output to the
+host, one copy per step, and only then.
 
 Whole-loop CUDA graphs: a binding that can be captured (:class:`CapturableGraph`: TensorRT at a static shape) runs
 the whole trajectory of one batch (every step's timestep, engine and sampler step) as one CUDA graph, so a batch
@@ -43,9 +43,12 @@ from medsr.errors import BackendError
 
 CUPY_HINT = "pip install 'cupy-cuda12x[ctk]' ('cupy-cuda13x[ctk]' for CUDA 13; the gpu-cu12/gpu-cu13 extras have it)"
 #: device memory the noise of a whole trajectory may take to be uploaded before the loop, once per batch; beyond it
-#: each step's noise is uploaded at its step, and on a GPU that waits for the stream (a copy from pageable host
-#: memory synchronizes), so the GPU idles while the host queues the next step
+#: each step's noise is uploaded at its step: one more host call per step, and a copy from pageable host memory is
+#: staged through the driver's bounce buffers, which a large copy must wait for while the stream drains
 NOISE_BUDGET_BYTES = 256 * 2**20
+#: trajectories (step counts, samplers) a binding keeps captured, with their buffers; a server asked for many step
+#: counts releases the least recently used
+LOOPS_PER_BINDING = 4
 
 
 class HostArrays:
@@ -165,7 +168,8 @@ class BoundGraph(Protocol):
 class CapturableGraph(BoundGraph, Protocol):
     """A BoundGraph whose run a CUDA graph can capture within a larger one. ``capturable`` is False where it
     cannot (a dynamic shape, or a capture that failed); ``loops`` holds this module's :class:`CapturedLoop` of each
-    trajectory, whose graphs the binding destroys when it closes."""
+    trajectory (at most :data:`LOOPS_PER_BINDING`, the least recently used released first), whose graphs the binding
+    destroys when it closes."""
 
     capturable: bool
     loops: dict
@@ -177,6 +181,9 @@ class CapturableGraph(BoundGraph, Protocol):
         """``work()`` recorded on the stream as an executable CUDA graph, not run (abandoned if it raises)."""
 
     def launch(self, graph) -> None: ...
+
+    def release(self, graph) -> None:
+        """Destroy a graph :meth:`capture` made."""
 
 
 #: ``bind(input shapes, output shapes) -> BoundGraph``, or None where the session cannot keep the loop on its device
@@ -282,14 +289,19 @@ def _sample_captured(
     arrays = bound.arrays
     x, lr, out = bound.inputs["sample"], bound.inputs["lr_latent"], bound.outputs["model_output"]
     key = (tuple(float(t) for t in scheduler.timesteps), tuple(coefficients))
-    loop = bound.loops.get(key)
+    loop = bound.loops.pop(key, None)
     if loop is None:
+        while len(bound.loops) >= LOOPS_PER_BINDING:
+            oldest = bound.loops.pop(next(iter(bound.loops)))
+            if oldest.graph is not None:
+                bound.release(oldest.graph)
         noisy = sum(1 for coeffs in coefficients if coeffs.c_noise)
         noise = arrays.empty((noisy, *sample.shape), np.float32)
         loop = CapturedLoop(arrays.empty(sample.shape, np.float64), noise)
-        bound.loops[key] = loop
+    bound.loops[key] = loop  # last: the most recently used
     arrays.upload(sample, x)
     arrays.upload(z_lr, lr)
+    arrays.fill(loop.history, 0.0)  # as the step-by-step loop starts (no sampler reads it at its first step)
     slots = _upload_noise(arrays, coefficients, draw_noise, loop.noise) if scheduler.stochastic else {}
 
     def enqueue_trajectory() -> None:

@@ -15,7 +15,9 @@ arithmetic (tests/test_step_kernel.py compiles this very source with the C compi
   NumPy's order;
 - a term whose coefficient is 0 is skipped, not added as 0 * x (which would turn -0.0 into +0.0 and inf into NaN);
 - clipping keeps NaN, as ``np.clip`` does (``fmin``/``fmax`` would drop it);
-- the history (the previous x0) stays float64, as it does on the host.
+- the history (the previous x0) stays float64, as it does on the host;
+- float32 subnormals are kept through both conversions (``MEDSR_F2D``/``MEDSR_D2F``), which CuPy's ``-ftz=true``
+  would flush to zero in a plain cast.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ CLIP, X0, HISTORY, NOISE = 1, 2, 4, 8
 
 #: the per-element step; ``sample`` and ``history`` are read and overwritten, the rest are read
 STEP_SOURCE = """
-const double xd = (double)sample;
-const double od = (double)output;
+const double xd = MEDSR_F2D(sample);
+const double od = MEDSR_F2D(output);
 double x0 = MEDSR_ADD(MEDSR_MUL(x0_sample, xd), MEDSR_MUL(x0_output, od));
 if (flags & 1) {
     x0 = x0 < -clip_range ? -clip_range : (x0 > clip_range ? clip_range : x0);
@@ -38,8 +40,8 @@ if (flags & 1) {
 double prev = MEDSR_ADD(MEDSR_MUL(c_sample, xd), MEDSR_MUL(c_output, od));
 if (flags & 2) prev = MEDSR_ADD(prev, MEDSR_MUL(c_x0, x0));
 if (flags & 4) prev = MEDSR_ADD(prev, MEDSR_MUL(c_history, history));
-if (flags & 8) prev = MEDSR_ADD(prev, MEDSR_MUL(c_noise, (double)noise));
-sample = (float)prev;
+if (flags & 8) prev = MEDSR_ADD(prev, MEDSR_MUL(c_noise, MEDSR_F2D(noise)));
+sample = MEDSR_D2F(prev);
 history = x0;
 """
 
@@ -52,7 +54,25 @@ STEP_INPUTS = (
 #: the parameters read and overwritten: the float32 sample and the float64 history
 STEP_OUTPUTS = "float32 sample, float64 history"
 
-CUDA_PREAMBLE = "#define MEDSR_MUL(a, b) __dmul_rn(a, b)\n#define MEDSR_ADD(a, b) __dadd_rn(a, b)\n"
+#: CUDA definitions of the source's operations. CuPy compiles every kernel with ``-ftz=true`` (appended after any
+#: options given), under which a plain float <-> double cast flushes float32 subnormals to zero (``cvt.ftz``); the
+#: conversions are written in PTX without ``.ftz`` so that subnormals survive, as they do in NumPy.
+CUDA_PREAMBLE = r"""
+#define MEDSR_MUL(a, b) __dmul_rn(a, b)
+#define MEDSR_ADD(a, b) __dadd_rn(a, b)
+__device__ __forceinline__ double medsr_f2d(float x) {
+    double r;
+    asm("cvt.f64.f32 %0, %1;" : "=d"(r) : "f"(x));
+    return r;
+}
+__device__ __forceinline__ float medsr_d2f(double x) {
+    float r;
+    asm("cvt.rn.f32.f64 %0, %1;" : "=f"(r) : "d"(x));
+    return r;
+}
+#define MEDSR_F2D(x) medsr_f2d(x)
+#define MEDSR_D2F(x) medsr_d2f(x)
+"""
 
 
 def step_scalars(coeffs: StepCoefficients) -> tuple[float, float, float, float, float, float, float, float, int]:

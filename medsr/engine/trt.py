@@ -293,12 +293,13 @@ def _warn_without_graphs(reason: str) -> None:
 class TrtBinding:
     """An executor's device buffers as a medsr.engine.device_loop.CapturableGraph: array views (CuPy on the GPU)
     of the first ``batch`` items of each, so that a batch padded to a larger plan sees only its own items; the
-    padding items start at zero (finite) and the graphs keep them apart from the real ones. At a static shape the
-    denoising loop captures whole trajectories on the session's stream (``loops``, destroyed by :meth:`close`)."""
+    padding items start at zero and then hold earlier batches' finite values, which the graphs keep apart from the
+    real items. At a static shape the denoising loop captures whole trajectories on the session's stream
+    (``loops``, whose graphs :meth:`release` and :meth:`close` destroy)."""
 
     def __init__(self, executor: PlanExecutor, arrays, batch: int, outputs):
         self.arrays, self._executor = arrays, executor
-        self.capturable = executor.use_graph
+        self._capturable = True
         self.loops: dict = {}
         with arrays.active():
             views = {
@@ -309,6 +310,15 @@ class TrtBinding:
                 view.fill(0)
         self.inputs = {name: views[name][:batch] for name in executor.input_names}
         self.outputs = {name: views[name][:batch] for name in outputs}
+
+    @property
+    def capturable(self) -> bool:
+        """False at a dynamic shape, or once a capture on this binding or its executor has been refused."""
+        return self._capturable and self._executor.use_graph
+
+    @capturable.setter
+    def capturable(self, value: bool) -> None:
+        self._capturable = value
 
     def run(self) -> None:
         self._executor.execute_device()
@@ -322,11 +332,14 @@ class TrtBinding:
     def launch(self, graph) -> None:
         self._executor.cuda.launch(graph)
 
+    def release(self, graph) -> None:
+        self._executor.cuda.destroy_graph(graph)
+
     def close(self) -> None:
         """Destroy the captured loops (before the executor frees the buffers they use)."""
         for loop in self.loops.values():
             if loop.graph is not None:
-                self._executor.cuda.destroy_graph(loop.graph)
+                self.release(loop.graph)
         self.loops.clear()
 
 
