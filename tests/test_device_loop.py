@@ -142,9 +142,8 @@ def test_stochastic_noise_is_uploaded_only_where_a_step_adds_it(counted, tiny):
 
 @pytest.mark.parametrize("budget", [device_loop.NOISE_BUDGET_BYTES, 0], ids=["up-front", "per-step"])
 def test_noise_is_uploaded_before_the_loop_within_the_budget(tiny, monkeypatch, budget):
-    """Within NOISE_BUDGET_BYTES every step's noise is uploaded before the first denoiser run (a pageable upload
-    waits for the GPU's stream, which would stall every step); beyond it, at each step. Both give the host loop's
-    images."""
+    """Within NOISE_BUDGET_BYTES every step's noise is uploaded before the first denoiser run (one host call per
+    batch, not one per step); beyond it, at each step. Both give the host loop's images."""
     bundle, _ = tiny
     sessions = open_ort_sessions(bundle, threads=1)
     events = []
