@@ -11,6 +11,7 @@ path runs on the fakes of tests/trt_fakes.py, whose device memory is NumPy too.
 from __future__ import annotations
 
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -423,3 +424,25 @@ def test_without_cupy_the_tensorrt_loop_runs_through_the_host_and_says_so_once(t
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the warning is said once per process
         host.super_resolve(LR[:1], TRT_OPTIONS)
+
+
+def test_the_tensorrt_stream_is_wrapped_without_cupys_deprecated_class():
+    """CuPy 14 deprecates ExternalStream (a DeprecationWarning at every session) for Stream.from_external, which
+    takes an object under the CUDA stream protocol; CuPy 13 has only ExternalStream."""
+    made = []
+
+    class Stream:
+        @staticmethod
+        def from_external(obj):
+            made.append(obj.__cuda_stream__())
+            return "cupy-14-stream"
+
+    def old_external(handle):
+        made.append(handle)
+        return "cupy-13-stream"
+
+    cupy14 = SimpleNamespace(cuda=SimpleNamespace(Stream=Stream, ExternalStream=None))
+    cupy13 = SimpleNamespace(cuda=SimpleNamespace(Stream=object, ExternalStream=old_external))
+    assert device_loop.external_stream(cupy14, 0xC0DA) == "cupy-14-stream"
+    assert device_loop.external_stream(cupy13, 0xC0DA) == "cupy-13-stream"
+    assert made == [(0, 0xC0DA), 0xC0DA]

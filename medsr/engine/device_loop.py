@@ -134,6 +134,25 @@ class CupyArrays(HostArrays):
         return self.stream
 
 
+class _StreamHandle:
+    """A raw CUDA stream handle under the CUDA stream protocol (``__cuda_stream__``: (version 0, the handle))."""
+
+    def __init__(self, handle: int):
+        self.handle = int(handle)
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self.handle)
+
+
+def external_stream(cupy, handle: int):
+    """CuPy's view of a CUDA stream another library created and owns (TensorRT's session stream): CuPy 14's
+    ``Stream.from_external`` (it deprecates ``ExternalStream`` with a warning), ``ExternalStream`` before it."""
+    from_external = getattr(cupy.cuda.Stream, "from_external", None)
+    if from_external is None:
+        return cupy.cuda.ExternalStream(int(handle))
+    return from_external(_StreamHandle(handle))
+
+
 @functools.cache
 def import_cupy():
     """The ``cupy`` module, or None when it is not installed (then the GPU engines loop through the host)."""

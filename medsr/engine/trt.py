@@ -46,7 +46,7 @@ import numpy as np
 from medsr.bundle.cache import engine_dir, runtime_dir, usable_dir
 from medsr.bundle.graphs import GRAPHS
 from medsr.engine.cuda import GPU_EXTRA_HINT, CudaRuntime, GpuInfo
-from medsr.engine.device_loop import CupyArrays, import_cupy, warn_without_cupy
+from medsr.engine.device_loop import CupyArrays, external_stream, import_cupy, warn_without_cupy
 from medsr.engine.precision import AUTO, AUTO_REDUCED, PRECISIONS, choose_mixed
 from medsr.engine.profiles import Shape, ShapeProfile, choose_profile
 from medsr.engine.trt_build import INSTALL_HINT, recipe_id, trt_features, trt_logger
@@ -526,7 +526,7 @@ class TrtSession:
             if cupy is None:
                 warn_without_cupy("TensorRT")
                 return None
-            self.arrays = CupyArrays(cupy, cupy.cuda.ExternalStream(self.cuda.stream_handle))
+            self.arrays = CupyArrays(cupy, external_stream(cupy, self.cuda.stream_handle))
         signature = tuple(inputs[name] for name in self.input_names)
         if signature not in self._bindings:
             executor = self.executor(self.padded_shapes(inputs))
