@@ -22,8 +22,9 @@ costs one launch instead of three per step. The first batch of a (binding, traje
 does the lazy setup a capture cannot (kernel compilation, TensorRT's first run); the second is captured, and it and
 every later batch replay the graph. The graph reads its inputs from fixed buffers: the sample, the LR latent and
 every step's noise (drawn up front, in the order the step-by-step loop draws it) are uploaded there before each
-launch; a trajectory whose noise exceeds :data:`NOISE_BUDGET_BYTES` runs step by step. A capture that fails is abandoned with one warning naming CUDA's reason and the loop goes on step by step.
-ONNX Runtime's run cannot be captured from outside (it replays its own graph per step, medsr.engine.sessions).
+launch; a trajectory whose noise exceeds :data:`NOISE_BUDGET_BYTES` runs step by step. A capture that fails is
+abandoned with one warning naming CUDA's reason and the loop goes on step by step. ONNX Runtime's run cannot be
+captured from outside (it replays its own graph per step, medsr.engine.sessions).
 """
 
 from __future__ import annotations
