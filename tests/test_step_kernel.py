@@ -2,11 +2,11 @@
 
 The kernel's source is CUDA C; its arithmetic is plain C once ``MEDSR_MUL``/``MEDSR_ADD`` are the IEEE operations
 ``__dmul_rn``/``__dadd_rn`` stand for and ``MEDSR_F2D``/``MEDSR_D2F`` the casts that the CUDA preamble writes in PTX
-(where CuPy's ``-ftz=true`` would flush subnormals in a plain cast). So the very source CuPy compiles on a GPU is compiled here with the C compiler
-(``-ffp-contract=off``: no fused multiply-add, as on the GPU) into a loop over the elements and compared with
-medsr.engine.device_loop.HostArrays.step, the device loop's step on the CPU, over whole trajectories of every
-sampler and over inputs that catch the usual shortcuts (NaN, infinities, signed zeros, subnormals, overflow to
-float32 infinity). On a GPU with CuPy the compiled kernel itself is compared the same way.
+(where CuPy's ``-ftz=true`` would flush subnormals in a plain cast). So the very source CuPy compiles on a GPU is
+compiled here with the C compiler (``-ffp-contract=off``: no fused multiply-add, as on the GPU) into a loop over the
+elements and compared with medsr.engine.device_loop.HostArrays.step, the device loop's step on the CPU, over whole
+trajectories of every sampler and over inputs that catch the usual shortcuts (NaN, infinities, signed zeros,
+subnormals, overflow to float32 infinity). On a GPU with CuPy the compiled kernel itself is compared the same way.
 """
 
 from __future__ import annotations
