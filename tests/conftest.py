@@ -7,6 +7,15 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def _fakes_never_meet_real_cupy(request, monkeypatch):
+    """The TensorRT fakes (tests/trt_fakes.py) keep "device" memory in NumPy arrays at made-up addresses, which CuPy
+    must never view: on a machine with CuPy (benchmarks/gpu.sh runs these tests on a GPU) the TensorRT session would
+    bind them. Tests marked ``gpu`` run real TensorRT and CuPy and keep the real import."""
+    if request.node.get_closest_marker("gpu") is None:
+        monkeypatch.setattr("medsr.engine.trt.import_cupy", lambda: None)
+
+
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory) -> Path:
     """A bundle of the ``tiny`` preset with random weights (seed 0), exported once per session (~7 s)."""

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("cupy", reason="CuPy is not installed")
+pytestmark = pytest.mark.gpu  # real CuPy and GPU engines (tests/conftest.py)
 
 from samplers import SAMPLERS
 

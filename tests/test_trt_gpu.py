@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 cuda_bindings = pytest.importorskip("cuda.bindings.runtime", reason="cuda-python (cuda-bindings) is not installed")
+pytestmark = pytest.mark.gpu  # real CuPy and GPU engines (tests/conftest.py)
 
 from medsr.engine.cuda import CudaRuntime
 from medsr.errors import BackendError

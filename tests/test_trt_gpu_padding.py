@@ -9,6 +9,7 @@ import pytest
 
 pytest.importorskip("cuda.bindings.runtime", reason="cuda-python (cuda-bindings) is not installed")
 pytest.importorskip("tensorrt", reason="TensorRT is not installed")
+pytestmark = pytest.mark.gpu  # real CuPy and GPU engines (tests/conftest.py)
 
 
 def test_the_last_batch_runs_padded_on_the_full_batch_plan(tiny_bundle, tmp_path, monkeypatch):
