@@ -6,6 +6,8 @@ for tensorrt and CUDA; each fake tensorrt has exactly the names of one real vers
 from __future__ import annotations
 
 import contextlib
+import logging
+import re
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -193,6 +195,25 @@ def test_a_new_session_reuses_the_cached_plan(tmp_path):
     second, _ = make_session(tmp_path, builds=builds)
     second.run(denoiser_feeds())
     assert len(builds) == 1
+
+
+def test_a_plan_build_says_it_takes_minutes_and_where_it_is_cached(tmp_path, caplog):
+    """A first TensorRT build takes minutes: it is announced (graph, precision, shapes, GPU, cache folder) and
+    timed; a cached plan is loaded without a word."""
+    caplog.set_level(logging.INFO, logger="medsr.engine.trt")
+    first, builds = make_session(tmp_path)
+    first.run(denoiser_feeds())
+    (building, built) = [record.getMessage() for record in caplog.records if record.name == "medsr.engine.trt"]
+    assert building.startswith("building the TensorRT plan of denoiser (fp16, shapes 1x3x64x64")
+    assert (
+        "for NVIDIA H100 80GB HBM3: this can take minutes, once per GPU model, TensorRT version and shapes (cached in "
+        in building
+    )
+    assert str(first.cache.root) in building and re.fullmatch(r"built the TensorRT plan of denoiser in \d+ s", built)
+    caplog.clear()
+    second, _ = make_session(tmp_path, builds=builds)
+    second.run(denoiser_feeds())
+    assert len(builds) == 1 and not [r for r in caplog.records if r.name == "medsr.engine.trt"]
 
 
 def test_dynamic_profile_runs_without_cuda_graph(tmp_path):

@@ -4,6 +4,7 @@ after the atomic writers have removed their temporary files."""
 from __future__ import annotations
 
 import functools
+import logging
 import signal
 import sys
 
@@ -16,9 +17,37 @@ def _raise_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)
 
 
+class _ProgressSafeHandler(logging.Handler):
+    """Writes log records to stderr through tqdm, so that they do not break a progress bar being drawn."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 (logging's own contract: a failing handler reports, never raises)
+            self.handleError(record)
+
+
+def log_to_stderr() -> logging.Handler:
+    """Show medsr's informational messages (a TensorRT plan being built for minutes, the fp32 islands decided) on
+    stderr as ``medsr: <message>``, once per process; the handler."""
+    logger = logging.getLogger("medsr")
+    for handler in logger.handlers:
+        if isinstance(handler, _ProgressSafeHandler):
+            return handler
+    handler = _ProgressSafeHandler(logging.INFO)
+    handler.setFormatter(logging.Formatter("medsr: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    return handler
+
+
 def run_command(command: click.Command) -> None:
-    """Run a click command as a console script, turning MedsrError into ``Error: <message>`` on stderr."""
+    """Run a click command as a console script, turning MedsrError into ``Error: <message>`` on stderr; medsr's
+    informational messages go to stderr too (:func:`log_to_stderr`)."""
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    log_to_stderr()
     try:
         command.main(standalone_mode=False)
     except click.exceptions.Abort:

@@ -36,7 +36,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import os
+import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -52,6 +54,8 @@ from medsr.engine.profiles import Shape, ShapeProfile, choose_profile
 from medsr.engine.trt_build import INSTALL_HINT, recipe_id, trt_features, trt_logger
 from medsr.errors import BackendError, OutputError, ShapeError
 from medsr.io.atomic import atomic_path
+
+LOG = logging.getLogger(__name__)
 
 
 def import_tensorrt():
@@ -434,8 +438,22 @@ class TrtSession:
             warnings.warn(f"{plan_path.name}: stale TensorRT plan rebuilt, {stale}", stacklevel=2)
         elif not self.build:
             raise BackendError(f"{plan_path}: no TensorRT plan for this shape profile and building is off")
+        where = (
+            f"cached in {plan_path.parent}" if self.cache.root is not None else "not cached: the cache is unwritable"
+        )
+        LOG.info(
+            "building the TensorRT plan of %s (%s, shapes %s) for %s: this can take minutes, once per GPU model, "
+            "TensorRT version and shapes (%s)",
+            self.graph,
+            self.precision,
+            profile.tag,
+            self.gpu.name,
+            where,
+        )
+        start = time.perf_counter()
         plan = self.builder(self.entry.path, profile, self.precision)
         self.cache.store(key, plan)
+        LOG.info("built the TensorRT plan of %s in %.0f s", self.graph, time.perf_counter() - start)
         return plan
 
     def loaded(self, profile: ShapeProfile) -> LoadedPlan:
