@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from medsr.bench.loop_variants import HostOnly, StepByStep
+from medsr.bench.machine import cpu_model
 from medsr.bundle import load_bundle
 from medsr.engine.pipeline import LatentSRPipeline
 from medsr.engine.sessions import open_sessions
@@ -106,7 +106,7 @@ def main() -> None:
     )
     result = {
         "command": command,
-        "machine": platform.processor() or platform.machine(),
+        "machine": cpu_model(),
         "load_average": os.getloadavg(),
         "latent": list(latents["host"].shape),
         "steps": args.steps,

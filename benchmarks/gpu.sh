@@ -70,9 +70,8 @@ status=$?
 tail -5 "$OUT_DIR/gpu-bench.log"
 for engine in ort trt; do  # host stages overlapped with the GPU engine within one volume, and not
   if printf '%s\n' "${ENGINES[@]}" | grep -q "^$engine"; then
-    $PY benchmarks/volume_overlap.py --engine "$engine" --device cuda --steps 1 --repeats 5 \
+    $PY benchmarks/volume_overlap.py --engine "$engine" --device cuda --steps 1 --repeats 5 --results "$OUT_DIR" \
       --tag "volume-overlap-gpu-$engine" >"$OUT_DIR/volume-overlap-gpu-$engine.log" 2>&1 || status=1
-    cp benchmarks/results/"volume-overlap-gpu-$engine.json" "$OUT_DIR/" 2>/dev/null
     # the denoising loop alone: through the host, on the device step by step, and (TensorRT) as one CUDA graph
     $PY benchmarks/device_loop.py --engine "$engine" --device cuda --batch-size 4 --steps 10 --repeats 21 \
       --out "$OUT_DIR/device-loop-gpu-$engine.json" >"$OUT_DIR/device-loop-gpu-$engine.log" 2>&1 || status=1

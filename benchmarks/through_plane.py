@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -24,6 +23,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from medsr.bench.machine import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -86,7 +87,7 @@ def main() -> None:
                     print(f"x{factor} {engine}: {seconds:.1f} s", flush=True)
     load = os.getloadavg()
     result = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "load": load},
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "load": load},
         "threads": args.threads,
         "model": args.model or "bundled through-plane",
         "thick_shapes": {f"x{f}": list(s) for f, s in shapes.items()},

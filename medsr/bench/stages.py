@@ -148,12 +148,11 @@ def run_volume(bundle, sessions: dict[str, Session], volume_path: Path, out_path
     return seconds, data
 
 
-def staged_is_as_run(sessions: dict[str, Session]) -> bool:
-    """Whether :func:`run_volume` runs these sessions as medsr-infer does: no denoiser that keeps the loop on its
-    device (``bind``) and no session computing off the CPU (where the pipeline overlaps the host stages with it)."""
-    return not hasattr(sessions["denoiser"], "bind") and all(
-        getattr(session, "device", "cpu") == "cpu" for session in sessions.values()
-    )
+def staged_is_as_run(bundle, sessions: dict[str, Session]) -> bool:
+    """Whether :func:`run_volume` runs these sessions as medsr-infer does: a denoiser that keeps no loop on its
+    device (``bind``) and computes on the host, where the pipeline keeps its stages in sequence
+    (LatentSRPipeline.engine_on_host, the rule the pipeline itself applies)."""
+    return not hasattr(sessions["denoiser"], "bind") and LatentSRPipeline(bundle, sessions).engine_on_host
 
 
 def run_volume_as_infer(bundle, sessions: dict[str, Session], volume_path: Path, out_path: Path, options):

@@ -214,12 +214,11 @@ Bind = Callable[[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]], "Bound
 class CapturedLoop:
     """One trajectory on one capturable binding: the device buffers its graph reads besides the binding's own
     (the float64 history, and the noise of each of the m steps that add noise, (m, B, C, h, w) float32), and the
-    graph once captured (None before; ``warm`` once the first batch has run step by step)."""
+    graph once captured (None while the first batch of the trajectory runs step by step)."""
 
     history: Any
     noise: Any
     graph: Any = None
-    warm: bool = False
 
 
 def sample_on_device(
@@ -252,10 +251,10 @@ def sample_on_device(
     arrays = parts[0][2].arrays
     with arrays.active():
         only = parts[0][2] if len(parts) == 1 else None
-        noisy = sum(1 for coeffs in coefficients if coeffs.c_noise)
-        noise_fits = noisy * sample.nbytes <= NOISE_BUDGET_BYTES
+        noisy = [k for k, coeffs in enumerate(coefficients) if coeffs.needs_noise]
+        noise_fits = len(noisy) * sample.nbytes <= NOISE_BUDGET_BYTES
         if only is not None and emit is None and noise_fits and getattr(only, "capturable", False):
-            return _sample_captured(only, scheduler, coefficients, z_lr, sample, draw_noise)
+            return _sample_captured(only, scheduler, coefficients, noisy, z_lr, sample, draw_noise)
         if only is not None:
             x, lr, out = only.inputs["sample"], only.inputs["lr_latent"], only.outputs["model_output"]
         else:
@@ -263,17 +262,17 @@ def sample_on_device(
         arrays.upload(sample, x)
         arrays.upload(z_lr, lr)
         history = arrays.empty(sample.shape, np.float64)
-        if scheduler.stochastic and noise_fits:
-            slots = _upload_noise(arrays, coefficients, draw_noise, arrays.empty((noisy, *sample.shape), np.float32))
-            noise_at = slots.get
+        if not scheduler.stochastic:
+            noise_at = {}.get
+        elif noise_fits:
+            buffer = arrays.empty((len(noisy), *sample.shape), np.float32)
+            noise_at = _upload_noise(arrays, coefficients, noisy, draw_noise, buffer).get
         else:
-            noise = arrays.empty(sample.shape, np.float32) if scheduler.stochastic else None
+            noise = arrays.empty(sample.shape, np.float32)
 
             def noise_at(k: int):
-                if not scheduler.stochastic:
-                    return None
                 drawn = draw_noise()  # drawn at every step, as the host loop does, so the streams stay aligned
-                if not coefficients[k].c_noise:
+                if not coefficients[k].needs_noise:
                     return None
                 arrays.upload(drawn, noise)
                 return noise
@@ -288,18 +287,25 @@ def sample_on_device(
                 if only is None:
                     arrays.copy(out[a:b], bound.outputs["model_output"])
 
-        for k, t in enumerate(scheduler.timesteps):
-            run_chunks(t)
-            if emit is not None:
-                emit(k, arrays.download(out))
-            arrays.step(coefficients[k], x, out, history, noise_at(k))
+        _run_steps(arrays, scheduler, coefficients, run_chunks, x, out, history, noise_at, emit)
         return arrays.download(x)
+
+
+def _run_steps(arrays, scheduler, coefficients, run, x, out, history, noise_at, emit=None) -> None:
+    """The trajectory on device arrays: at each step ``run(t)`` (the denoiser from ``x`` into ``out``), ``emit``
+    of its output when given, then the sampler step into ``x`` and ``history`` with ``noise_at(k)``."""
+    for k, t in enumerate(scheduler.timesteps):
+        run(t)
+        if emit is not None:
+            emit(k, arrays.download(out))
+        arrays.step(coefficients[k], x, out, history, noise_at(k))
 
 
 def _sample_captured(
     bound: CapturableGraph,
     scheduler,
     coefficients: list[StepCoefficients],
+    noisy: list[int],
     z_lr: np.ndarray,
     sample: np.ndarray,
     draw_noise: Callable[[], np.ndarray],
@@ -310,27 +316,28 @@ def _sample_captured(
     x, lr, out = bound.inputs["sample"], bound.inputs["lr_latent"], bound.outputs["model_output"]
     key = (tuple(float(t) for t in scheduler.timesteps), tuple(coefficients))
     loop = bound.loops.pop(key, None)
-    if loop is None:
+    first_use = loop is None
+    if first_use:
         while len(bound.loops) >= LOOPS_PER_BINDING:
             oldest = bound.loops.pop(next(iter(bound.loops)))
             if oldest.graph is not None:
                 bound.release(oldest.graph)
-        noisy = sum(1 for coeffs in coefficients if coeffs.c_noise)
-        noise = arrays.empty((noisy, *sample.shape), np.float32)
+        noise = arrays.empty((len(noisy), *sample.shape), np.float32)
         loop = CapturedLoop(arrays.empty(sample.shape, np.float64), noise)
     bound.loops[key] = loop  # last: the most recently used
     arrays.upload(sample, x)
     arrays.upload(z_lr, lr)
     arrays.fill(loop.history, 0.0)  # as the step-by-step loop starts (no sampler reads it at its first step)
-    slots = _upload_noise(arrays, coefficients, draw_noise, loop.noise) if scheduler.stochastic else {}
+    slots = _upload_noise(arrays, coefficients, noisy, draw_noise, loop.noise) if scheduler.stochastic else {}
+
+    def run_engine(t) -> None:
+        arrays.fill(bound.inputs["timestep"], t)
+        bound.enqueue()
 
     def enqueue_trajectory() -> None:
-        for k, (t, coeffs) in enumerate(zip(scheduler.timesteps, coefficients)):
-            arrays.fill(bound.inputs["timestep"], t)
-            bound.enqueue()
-            arrays.step(coeffs, x, out, loop.history, slots.get(k))
+        _run_steps(arrays, scheduler, coefficients, run_engine, x, out, loop.history, slots.get)
 
-    if loop.graph is None and bound.capturable and loop.warm:
+    if loop.graph is None and not first_use:  # the first use ran step by step: kernels compiled, engine set up
         try:
             loop.graph = bound.capture(enqueue_trajectory)
         except (BackendError, *arrays.errors) as exc:  # CUDA refused part of the loop: never capture it again here
@@ -340,19 +347,19 @@ def _sample_captured(
         bound.launch(loop.graph)
     else:
         enqueue_trajectory()
-        loop.warm = True
     return arrays.download(x)
 
 
-def _upload_noise(arrays: HostArrays, coefficients: list[StepCoefficients], draw_noise, buffer) -> dict[int, Any]:
+def _upload_noise(arrays: HostArrays, coefficients: list, noisy: list[int], draw_noise, buffer) -> dict[int, Any]:
     """Every step's noise drawn now, one draw per step in the order the step-by-step loop draws it (so seeds give
-    the same results), and that of the steps that add noise uploaded into ``buffer`` (m, B, C, h, w), one slot per
-    such step; {step index: its noise on the device}."""
-    drawn = [draw_noise() for _ in coefficients]
-    noisy = [k for k, coeffs in enumerate(coefficients) if coeffs.c_noise]
-    for slot, k in enumerate(noisy):
-        arrays.upload(drawn[k], buffer[slot])
-    return {k: buffer[slot] for slot, k in enumerate(noisy)}
+    the same results), and that of the steps ``noisy`` (those that add noise) uploaded into ``buffer``
+    (m, B, C, h, w), one slot each; {step index: its noise on the device}."""
+    slots = {k: buffer[slot] for slot, k in enumerate(noisy)}
+    for k in range(len(coefficients)):
+        drawn = draw_noise()
+        if k in slots:
+            arrays.upload(drawn, slots[k])
+    return slots
 
 
 @functools.cache

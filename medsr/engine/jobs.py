@@ -357,15 +357,15 @@ def _failed(job, record: dict, exc: Exception) -> dict:
 
 # A job between stages: (job, record, PreparedJob | ComputedJob), or its final record (a dict) once it failed or
 # was skipped. Each stage turns its own errors into its own job's record: a bug must not stop the other jobs.
-def _read_stage(job, output: Path, bundle, settings: InferSettings, record: dict, skip_existing: bool = True):
+def _read_stage(job, output: Path, bundle, settings: InferSettings, record: dict):
     if "status" in record:  # final already (plan_batch: a name taken twice)
         return record
-    if skip_existing and output.exists() and not settings.overwrite:
+    if output.exists() and not settings.overwrite:
         return {**record, "status": "skipped", "reason": "output exists"}
     try:
         return job, record, prepare_job(job, output, bundle, settings, batch_name_scale(bundle, settings))
     except OutputExistsError as exc:
-        if skip_existing and Path(exc.path) != output:  # renamed for its factor, and done by an earlier run
+        if Path(exc.path) != output:  # renamed for its factor, and done by an earlier run
             return {**record, "output": str(exc.path), "status": "skipped", "reason": "output exists"}
         return _failed(job, record, exc)
     except Exception as exc:  # noqa: BLE001

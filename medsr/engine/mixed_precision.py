@@ -225,7 +225,7 @@ def write_mixed(model, fp32_nodes: Iterable[str], reduced: str):
     from onnx import helper
 
     low = REDUCED_TYPES[reduced]
-    model = onnx.shape_inference.infer_shapes(model)
+    model = onnx.shape_inference.infer_shapes(model)  # a new model: the caller's is not changed
     graph = model.graph
     keep = set(fp32_nodes)
     types = {v.name: v.type.tensor_type.elem_type for v in (*graph.input, *graph.output, *graph.value_info)}
@@ -299,7 +299,7 @@ def emulate(mixed, reduced: str):
     from onnx import helper
 
     low = REDUCED_TYPES[reduced]
-    model = onnx.shape_inference.infer_shapes(_copy(mixed), strict_mode=True)
+    model = onnx.shape_inference.infer_shapes(mixed, strict_mode=True)  # a new model: ``mixed`` is not changed
     graph = model.graph
     types = {v.name: v.type.tensor_type.elem_type for v in (*graph.input, *graph.output, *graph.value_info)}
     nodes = []
@@ -374,19 +374,13 @@ def mixed_parity(model, fp32_nodes: Iterable[str], reduced: str, feeds: list[dic
     (``reduced`` storage, fp32 arithmetic), against the fp32 outputs ``reference`` (one list per feed)."""
     from medsr.engine.compare import compare_arrays
 
-    emulated = emulate(write_mixed(_copy(model), fp32_nodes, reduced), reduced)
+    emulated = emulate(write_mixed(model, fp32_nodes, reduced), reduced)  # each works on its own copy
     scores = [
         compare_arrays(out, ref)["psnr_db"]
         for feed, refs in zip(feeds, reference)
         for out, ref in zip(run_cpu(emulated, feed), refs)
     ]
     return min(scores)
-
-
-def _copy(model):
-    from onnx import ModelProto
-
-    return ModelProto.FromString(model.SerializeToString())
 
 
 def decide_islands(model, reduced: str, feeds: list[dict], threshold_db: float | None = None) -> IslandDecision:

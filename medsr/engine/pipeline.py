@@ -335,8 +335,8 @@ class LatentSRPipeline:
     ) -> np.ndarray:
         """One batch of LR slices (B, h, w), already clipped to [-1, 1], through encoder, denoising loop and decoder:
         (B, f_H*h, f_W*w) float32 before data consistency. Slice b draws all its noise from ``rngs[b]`` and is traced
-        as ``indices[b]``; ``super_resolve`` passes the generators of `SamplingOptions.generators`, a server the
-        generators of each request's own (seed, index)."""
+        as ``indices[b]``; a server passes the generators of each request's own (seed, index), as
+        `SamplingOptions.generators` makes them for a volume."""
         return self._sr_planes(self.network_image(lr), lr.shape[-2:], rngs, indices, steps, lr_latent, trace)
 
     def _sr_planes(

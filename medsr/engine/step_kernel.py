@@ -81,20 +81,12 @@ def step_scalars(coeffs: StepCoefficients) -> tuple[float, float, float, float, 
     flags = (
         (CLIP if coeffs.clip_range is not None else 0)
         | (X0 if coeffs.c_x0 else 0)
-        | (HISTORY if coeffs.c_history else 0)
-        | (NOISE if coeffs.c_noise else 0)
+        | (HISTORY if coeffs.needs_history else 0)
+        | (NOISE if coeffs.needs_noise else 0)
     )
-    return (
-        float(coeffs.x0_sample),
-        float(coeffs.x0_output),
-        float(coeffs.clip_range if coeffs.clip_range is not None else 0.0),
-        float(coeffs.c_sample),
-        float(coeffs.c_output),
-        float(coeffs.c_x0),
-        float(coeffs.c_history),
-        float(coeffs.c_noise),
-        flags,
-    )
+    clip_range = coeffs.clip_range if coeffs.clip_range is not None else 0.0
+    c = coeffs  # every coefficient is a Python float already (StepCoefficients.__post_init__)
+    return (c.x0_sample, c.x0_output, clip_range, c.c_sample, c.c_output, c.c_x0, c.c_history, c.c_noise, flags)
 
 
 @functools.cache

@@ -217,10 +217,11 @@ def precision_plan(precision: str) -> PrecisionPlan:
 
 def recipe_id(precision: str) -> str:
     """A short digest of the builder recipe of ``precision`` (flags set and cleared, island levels), the method
-    that decides its fp32 islands (medsr.engine.mixed_precision.DECISION_METHOD) and the medsr version: part of a
-    plan's cache key and of its island decision's, so a plan or decision made by an older recipe is made again,
-    not reused."""
-    recipe = (precision_plan(precision), DECISION_METHOD, __version__)
+    that decides its fp32 islands where it has any (medsr.engine.mixed_precision.DECISION_METHOD) and the medsr
+    version: part of a plan's cache key and of its island decision's, so a plan or decision made by an older recipe
+    is made again, not reused (a new island method leaves the plans without islands alone)."""
+    plan = precision_plan(precision)
+    recipe = (plan, DECISION_METHOD if plan.island_levels else None, __version__)
     return hashlib.sha256(repr(recipe).encode()).hexdigest()[:12]
 
 
